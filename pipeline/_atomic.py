@@ -1,0 +1,136 @@
+"""Durable, atomic file replacement and the cross-process store lock.
+
+A store file is never written in place: the new bytes go to a temporary file
+in the same folder, are flushed and fsynced, the old file is kept as a
+timestamped backup (a hard link, so no copy is made), and the temporary file is
+renamed over the store with ``os.replace``; finally the folder itself is
+fsynced so the rename survives a power cut. A crash or SIGKILL at any moment
+leaves either the old or the new file, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import filelock
+
+from pipeline.errors import StoreLockedError
+
+__all__ = ["atomic_write_bytes", "fsync_dir", "store_lock", "backup_dir", "LOCK_TIMEOUT"]
+
+#: Seconds a writer waits for another writer's lock before giving up.
+LOCK_TIMEOUT = 120.0
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (renames, new files) to disk.
+
+    Parameters
+    ----------
+    folder : pathlib.Path
+        The folder.
+    """
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def backup_dir(path: Path) -> Path:
+    """Folder holding the backups of the store at *path*."""
+    return path.parent / f".{path.name}.backups"
+
+
+def _keep_backup(path: Path, keep: int) -> None:
+    folder = backup_dir(path)
+    folder.mkdir(exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    target = folder / f"{path.stem}.{stamp}{path.suffix}"
+    try:
+        os.link(path, target)
+    except OSError:
+        # Filesystems without hard links get a real copy.
+        shutil.copy2(path, target)
+    old = sorted(folder.glob(f"{path.stem}.*{path.suffix}"))
+    for stale in old[: max(0, len(old) - keep)]:
+        stale.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, backups: int = 5) -> None:
+    """Replace *path* by *data* atomically and durably.
+
+    Parameters
+    ----------
+    path : path-like
+        The file to replace (or create).
+    data : bytes
+        The new content.
+    backups : int, default 5
+        How many timestamped backups of earlier versions to keep; 0 keeps none.
+    """
+    path = Path(path)
+    folder = path.parent
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if path.exists():
+            # Match the permissions of the file being replaced.
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+            if backups > 0:
+                _keep_backup(path, backups)
+        else:
+            os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(folder)
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file guarding the store at *path*."""
+    return path.parent / f".{path.name}.lock"
+
+
+@contextlib.contextmanager
+def store_lock(path: str | os.PathLike[str], timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+    """Hold the exclusive cross-process lock of the store at *path*.
+
+    Parameters
+    ----------
+    path : path-like
+        The store file (or a sharded store's folder).
+    timeout : float, default LOCK_TIMEOUT
+        Seconds to wait for another writer; negative waits forever.
+
+    Raises
+    ------
+    StoreLockedError
+        If another process still holds the lock after *timeout* seconds.
+    """
+    path = Path(path)
+    lock = filelock.FileLock(str(lock_path(path)))
+    try:
+        lock.acquire(timeout=timeout)
+    except filelock.Timeout:
+        msg = (
+            f"store {str(path)!r} is locked by another writer (lock file {str(lock_path(path))!r}) "
+            f"and stayed locked for {timeout:g} s; wait for that batch to finish and run again "
+            "(if no other process is running, the lock is released automatically)"
+        )
+        raise StoreLockedError(msg, path=str(path)) from None
+    try:
+        yield
+    finally:
+        lock.release()

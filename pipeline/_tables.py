@@ -1,0 +1,698 @@
+"""Columnar view of a store document, and the load-time checks that use it.
+
+Reading a store builds its snip table once: one pass of list comprehensions
+pulls each field out of the parsed JSON into a column, and every rule of the
+contract that relates values to each other (ids, vocabulary, ``death_frame``,
+DEAD permanence, duplicate flags) is then checked with pyarrow/pandas over whole
+columns. The table is cached on the store and is exactly what
+:func:`pipeline.snips_from_store` partitions, so validation and flattening cost
+one pass together.
+
+Structure (types, required and unexpected keys) is checked by cheap set
+comparisons in the same comprehensions; an embryo that fails them is re-checked
+by the JSON Schema walker in :mod:`pipeline._jsonschema` to say exactly what is
+wrong, and is left out of the table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import repeat
+from operator import itemgetter
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import ids
+from pipeline._jsonschema import check, json_path, store_schema
+from pipeline.schema import RESERVED_COLUMNS, SNIP_COLUMNS, SNIP_INDEX, STRING
+
+__all__ = ["Tables", "build_tables", "flags_table", "TIMESTAMP_PATTERN"]
+
+TIMESTAMP_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$"
+
+_EMBRYO_KEYS = frozenset(["source", "genotype", "treatments", "death_frame", "flags", "snips"])
+_SNIP_REQUIRED = frozenset(["phenotype", "flags"])
+_SNIP_KEYS = _SNIP_REQUIRED | {"frame", "measurements"}
+_PHENO_REQUIRED = frozenset(["value", "author", "timestamp"])
+_PHENO_KEYS = _PHENO_REQUIRED | {"confidence", "notes"}
+_FLAG_REQUIRED = _PHENO_REQUIRED
+_FLAG_KEYS = _FLAG_REQUIRED | {"severity", "auto_generated", "notes", "confidence"}
+_NUMBER = (int, float)
+
+Problem = tuple[str, str]
+
+
+@dataclass
+class Tables:
+    """Columnar form of a store: the snip table and per-embryo facts."""
+
+    snips: pd.DataFrame
+    problems: list[Problem] = field(default_factory=list)
+    measurement_keys: list[str] = field(default_factory=list)
+
+
+def _vocab_sets(vocab: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "phenotypes": set(vocab["phenotypes"]),
+        "genotypes": set(vocab["genotypes"]),
+        "zygosity": set(vocab["zygosity"]),
+        "flags": {level: set(values) for level, values in vocab["flags"].items()},
+        "severity": set(vocab["severity_levels"]),
+    }
+
+
+def suggest(value: str, choices: set[str] | list[str]) -> str:
+    """Say which valid value *value* most likely meant.
+
+    Parameters
+    ----------
+    value : str
+        The unknown value.
+    choices : iterable of str
+        The valid values.
+
+    Returns
+    -------
+    str
+        ``" (did you mean 'X'?)"`` or an empty string.
+
+    Examples
+    --------
+    >>> suggest("dead", {"DEAD", "NONE"})
+    " (did you mean 'DEAD'?)"
+    """
+    import difflib
+
+    by_upper = {c.upper(): c for c in choices}
+    if isinstance(value, str) and value.strip().upper() in by_upper:
+        return f" (did you mean {by_upper[value.strip().upper()]!r}?)"
+    close = difflib.get_close_matches(str(value).upper(), list(by_upper), n=1, cutoff=0.6)
+    return f" (did you mean {by_upper[close[0]]!r}?)" if close else ""
+
+
+def _bad_types(values: list[Any], allowed: tuple[type, ...]) -> list[int]:
+    # A set of types is one C-level pass; only on failure do we look for where.
+    if {v.__class__ for v in values} <= set(allowed):
+        return []
+    return [i for i, v in enumerate(values) if v.__class__ not in allowed]
+
+
+def build_tables(doc: dict[str, Any], vocab: dict[str, Any]) -> Tables:
+    """Check a store document and build its snip table.
+
+    Parameters
+    ----------
+    doc : dict
+        A parsed single-file store (schema version 1).
+    vocab : dict
+        The vocabulary in force (the store's ``permitted_values`` or the default).
+
+    Returns
+    -------
+    Tables
+        The snip table (index ``snip_id``, sorted) and every problem found, each
+        ``(json_path, message)``. The table leaves out malformed embryos.
+    """
+    problems: list[Problem] = []
+    schema = store_schema()
+    defs = schema["$defs"]
+    # Everything but the embryos is small: check it with the schema walker.
+    top = {k: v for k, v in doc.items() if k != "embryos"}
+    top_schema = dict(schema, required=[k for k in schema["required"] if k != "embryos"])
+    check(top, top_schema, (), problems)
+    embryos = doc.get("embryos")
+    if not isinstance(embryos, dict):
+        problems.append((json_path("embryos"), "expected an object of embryos keyed by embryo id"))
+        embryos = {}
+    sets = _vocab_sets(vocab)
+
+    embryo_ids = list(embryos)
+    embryo_objs = list(embryos.values())
+    bad_embryos: set[int] = {
+        i
+        for i, e in enumerate(embryo_objs)
+        if e.__class__ is not dict or e.keys() != _EMBRYO_KEYS or e["snips"].__class__ is not dict
+    }
+    # Snips of the structurally sound embryos, in one flat list.
+    counts = np.zeros(len(embryo_objs), dtype=np.int64)
+    snip_ids: list[str] = []
+    snip_objs: list[Any] = []
+    for i, e in enumerate(embryo_objs):
+        if i in bad_embryos:
+            continue
+        snips = e["snips"]
+        counts[i] = len(snips)
+        snip_ids.extend(snips)
+        snip_objs.extend(snips.values())
+    owner = np.repeat(np.arange(len(embryo_objs)), counts)
+
+    columns = _extract_fast(snip_objs)
+    if columns is None:
+        columns = _extract_robust(snip_objs, owner, bad_embryos)
+    values, authors, stamps, confs, frames, flag_lists, measures, keys = columns
+
+    # Precise structural messages for the embryos that failed, via the walker.
+    for i in sorted(bad_embryos):
+        before = len(problems)
+        check(embryo_objs[i], defs["embryo"], ("embryos", embryo_ids[i]), problems)
+        if len(problems) == before:
+            problems.append((json_path("embryos", embryo_ids[i]), "malformed embryo"))
+    # Embryo-level fields: a cheap shape test, the walker only where it fails.
+    for i, e in enumerate(embryo_objs):
+        if i not in bad_embryos and not _embryo_shape_ok(e):
+            before = len(problems)
+            check(dict(e, snips={}), defs["embryo"], ("embryos", embryo_ids[i]), problems)
+            if len(problems) != before:
+                bad_embryos.add(i)
+
+    if bad_embryos:
+        keep_snip = ~np.isin(owner, np.fromiter(bad_embryos, dtype=np.int64))
+        idx = np.flatnonzero(keep_snip).tolist()
+        snip_ids, values, authors, stamps, confs, frames, flag_lists, measures = (
+            [col[j] for j in idx]
+            for col in (snip_ids, values, authors, stamps, confs, frames, flag_lists, measures)
+        )
+        owner = owner[keep_snip]
+        keys = {k: [col[j] for j in idx] for k, col in keys.items()}
+
+    snips = _assemble(
+        embryo_ids, embryo_objs, bad_embryos, owner, snip_ids, values, authors, stamps,
+        confs, frames, flag_lists, measures, keys,
+    )
+    problems.extend(_semantic_checks(snips, embryo_ids, embryo_objs, bad_embryos, owner, sets, flag_lists, snip_ids))
+    problems.extend(_store_flag_checks(doc, sets))
+    return Tables(snips=snips, problems=problems, measurement_keys=list(keys))
+
+
+_MISSING = float("nan")  # a unique NaN object: list.count() finds it by identity
+
+
+def _extract_fast(snip_objs: list[Any]) -> tuple[list[Any], ...] | None:
+    # The common case, a valid file, costs one C-level pass per field: map()
+    # with itemgetter/dict.get runs no Python bytecode per snip. Unexpected
+    # keys show up as a difference in the total number of keys. Anything odd
+    # returns None, and the robust path finds exactly where.
+    n = len(snip_objs)
+    try:
+        phenos = list(map(itemgetter("phenotype"), snip_objs))
+        flag_lists = list(map(itemgetter("flags"), snip_objs))
+        frames = list(map(dict.get, snip_objs, repeat("frame")))
+        measures = list(map(dict.get, snip_objs, repeat("measurements")))
+        n_keys = 2 * n + (n - frames.count(None)) + (n - measures.count(None))
+        if sum(map(len, snip_objs)) != n_keys:
+            return None
+        values = list(map(itemgetter("value"), phenos))
+        authors = list(map(itemgetter("author"), phenos))
+        stamps = list(map(itemgetter("timestamp"), phenos))
+        confs = list(map(dict.get, phenos, repeat("confidence"), repeat(_MISSING)))
+        notes = list(map(dict.get, phenos, repeat("notes"), repeat(_MISSING)))
+        n_keys = 5 * n - confs.count(_MISSING) - notes.count(_MISSING)
+        if sum(map(len, phenos)) != n_keys:
+            return None
+    except (KeyError, TypeError, AttributeError):
+        return None
+    allowed_confidence = {float, int}
+    if not (
+        set(map(type, flag_lists)) <= {list}
+        and set(map(type, values)) | set(map(type, authors)) | set(map(type, stamps)) <= {str}
+        and set(map(type, confs)) <= allowed_confidence
+        and set(map(type, notes)) <= {str, float}
+        and set(map(type, frames)) <= {int, type(None)}
+        and set(map(type, measures)) <= {dict, type(None)}
+    ):
+        return None
+    keys = _measurement_columns(measures)
+    if keys is None:
+        return None
+    if any(fl and not _flags_shape_ok(fl) for fl in flag_lists):
+        return None
+    return values, authors, stamps, confs, frames, flag_lists, measures, keys
+
+
+def _measurement_columns(measures: list[Any]) -> dict[str, list[Any]] | None:
+    """One list per measurement key, or None when the fast path cannot tell.
+
+    Usually every snip has the same keys: take the first snip's keys and verify
+    by counting that no snip has any other.
+    """
+    n_none = measures.count(None)
+    dicts = [m or {} for m in measures] if n_none else measures
+    first = next((m for m in dicts if m), None)
+    if first is None:
+        return {}
+    keys = sorted(first)
+    if RESERVED_COLUMNS.intersection(keys):
+        return None
+    present = 0
+    columns = {}
+    for key in keys:
+        column = list(map(dict.get, dicts, repeat(key), repeat(_MISSING)))
+        present += len(column) - column.count(_MISSING)
+        if not set(map(type, column)) <= {float, int, type(None)}:
+            return None
+        columns[key] = column
+    # Any key beyond the first snip's shows up in the total count.
+    return columns if sum(map(len, dicts)) == present else None
+
+
+def _extract_robust(snip_objs: list[Any], owner: np.ndarray, bad_embryos: set[int]) -> tuple[list[Any], ...]:
+    """Pull the snip fields out one by one, marking embryos with malformed snips."""
+
+    def mark_bad(positions: list[int] | np.ndarray) -> None:
+        bad_embryos.update(int(x) for x in np.unique(owner[np.asarray(positions, dtype=np.int64)]))
+
+    malformed = [
+        i
+        for i, s in enumerate(snip_objs)
+        if s.__class__ is not dict or not (_SNIP_KEYS.issuperset(s) and "phenotype" in s and "flags" in s)
+    ]
+    mark_bad(malformed)
+    snip_objs = _scrub(snip_objs, malformed, {"phenotype": {}, "flags": []})
+    phenos = [s["phenotype"] for s in snip_objs]
+    malformed = [
+        i
+        for i, p in enumerate(phenos)
+        if p.__class__ is not dict or not (_PHENO_KEYS.issuperset(p) and "value" in p and "author" in p and "timestamp" in p)
+    ]
+    mark_bad(malformed)
+    phenos = _scrub(phenos, malformed, {})
+    values = [p.get("value") for p in phenos]
+    authors = [p.get("author") for p in phenos]
+    stamps = [p.get("timestamp") for p in phenos]
+    confs = [p.get("confidence") for p in phenos]
+    frames = [s.get("frame") for s in snip_objs]
+    flag_lists = [s["flags"] for s in snip_objs]
+    measures = [s.get("measurements") for s in snip_objs]
+    for column, allowed in (
+        (values, (str,)),
+        (authors, (str,)),
+        (stamps, (str,)),
+        (confs, (float, int, type(None))),
+        (frames, (int, type(None))),
+        (flag_lists, (list,)),
+        (measures, (dict, type(None))),
+    ):
+        mark_bad(_bad_types(column, allowed))
+    # Measurements: flat numbers or null, keys must not collide with columns.
+    present = [m for m in measures if m and m.__class__ is dict]
+    keys: set[str] = set().union(*present) if present else set()
+    value_types = {v.__class__ for m in present for v in m.values()}
+    if not value_types <= {float, int, type(None)} or keys & RESERVED_COLUMNS:
+        mark_bad([i for i, m in enumerate(measures) if m and _bad_measurements(m)])
+    # Every snip-level flag list entry must be a well-formed flag object.
+    mark_bad([i for i, fl in enumerate(flag_lists) if fl and not _flags_shape_ok(fl)])
+
+    dicts = [m if m.__class__ is dict else {} for m in measures]
+    columns = {key: [m.get(key) for m in dicts] for key in sorted(keys - RESERVED_COLUMNS)}
+    return values, authors, stamps, confs, frames, flag_lists, measures, columns
+
+
+_GENO_REQUIRED = frozenset(["value", "author", "timestamp", "confirmed"])
+_GENO_KEYS = _GENO_REQUIRED | {"allele", "zygosity", "confidence", "notes"}
+_TREAT_KEYS = _PHENO_REQUIRED | {"concentration", "temperature_celsius", "notes"}
+
+
+def _flags_shape_ok(flags: Any) -> bool:
+    return flags.__class__ is list and all(
+        f.__class__ is dict
+        and _FLAG_REQUIRED <= f.keys() <= _FLAG_KEYS
+        and f["value"].__class__ is str
+        and f.get("severity", "").__class__ is str
+        and f.get("notes", "").__class__ is str
+        and f.get("auto_generated", False).__class__ is bool
+        and f.get("confidence", 0.0).__class__ in (int, float)
+        and 0 <= f.get("confidence", 0.0) <= 1
+        for f in flags
+    )
+
+
+def _embryo_shape_ok(e: dict[str, Any]) -> bool:
+    # Mirrors the schema's embryo definition for the common, valid case; any
+    # doubt sends the embryo to the schema walker for a precise message.
+    src, g, death = e["source"], e["genotype"], e["death_frame"]
+    if src.__class__ is not dict or src.keys() != {"experiment_id", "video_id"}:
+        return False
+    if not (death is None or (death.__class__ is int and death >= 0)):
+        return False
+    if g is not None:
+        if g.__class__ is not dict or not (_GENO_REQUIRED <= g.keys() <= _GENO_KEYS):
+            return False
+        if g["value"].__class__ is not str or g["confirmed"].__class__ is not bool:
+            return False
+        if g.get("confidence", 0.0).__class__ not in (int, float) or not 0 <= g.get("confidence", 0.0) <= 1:
+            return False
+        if any(g.get(k, "").__class__ is not str for k in ("allele", "zygosity", "notes")):
+            return False
+    treatments = e["treatments"]
+    if treatments.__class__ is not list or not all(
+        t.__class__ is dict and _PHENO_REQUIRED <= t.keys() <= _TREAT_KEYS and t["value"].__class__ is str for t in treatments
+    ):
+        return False
+    return _flags_shape_ok(e["flags"])
+
+
+def _scrub(objs: list[Any], positions: list[int], placeholder: Any) -> list[Any]:
+    # Malformed entries are replaced so later comprehensions cannot trip on
+    # them; their embryos are already marked bad and left out of the table.
+    if not positions:
+        return objs
+    objs = list(objs)
+    for i in positions:
+        objs[i] = placeholder
+    return objs
+
+
+def _bad_measurements(m: Any) -> bool:
+    if m.__class__ is not dict:
+        return True
+    return any(k in RESERVED_COLUMNS or v.__class__ not in (float, int, type(None)) for k, v in m.items())
+
+
+def _strings(values: list[Any]) -> pa.Array:
+    return pa.array(values, type=pa.string())
+
+
+def _assemble(
+    embryo_ids: list[str],
+    embryo_objs: list[Any],
+    bad: set[int],
+    owner: np.ndarray,
+    snip_ids: list[str],
+    values: list[str],
+    authors: list[str],
+    stamps: list[str],
+    confs: list[Any],
+    frames: list[Any],
+    flag_lists: list[list[dict[str, Any]]],
+    measures: list[Any],
+    keys: dict[str, list[Any]],
+) -> pd.DataFrame:
+    n_emb = len(embryo_objs)
+    ok = [i not in bad for i in range(n_emb)]
+    src = [e["source"] if o else {} for e, o in zip(embryo_objs, ok, strict=True)]
+    emb_video = pa.array([s.get("video_id") for s in src], type=pa.string())
+    emb_exp = pa.array([s.get("experiment_id") for s in src], type=pa.string())
+    genos = [e["genotype"] if o else None for e, o in zip(embryo_objs, ok, strict=True)]
+    emb_geno = pa.array([g["value"] if g else None for g in genos], type=pa.string())
+    emb_conf = np.array([bool(g["confirmed"]) if g else False for g in genos], dtype=bool)
+    emb_death = pd.array(
+        [e["death_frame"] if o else None for e, o in zip(embryo_objs, ok, strict=True)], dtype="Int64"
+    )
+    n = len(snip_ids)
+    take = pa.array(owner, type=pa.int64())
+    sid = _strings(snip_ids)
+    emb = pa.array(embryo_ids, type=pa.string()).take(take) if n_emb else pa.array([], pa.string())
+    # Split each id into embryo prefix and suffix without a backtracking regex:
+    # the suffix sits in the last 6 characters, and a valid id is exactly its
+    # embryo id followed by that suffix.
+    tail = pc.extract_regex(pc.utf8_slice_codeunits(sid, -6), r"(?P<suffix>_[st]?(?P<digits>\d{3,4}))$")
+    suffix = tail.field("suffix")
+    valid = pc.fill_null(pc.equal(pc.binary_join_element_wise(emb, suffix, ""), sid), False)
+    suffix_frame = pc.cast(pc.fill_null(tail.field("digits"), "-1"), pa.int64()).to_numpy()
+    frame_arr = pa.array(frames, type=pa.int64())
+    stored_null = frame_arr.is_null().to_numpy(zero_copy_only=False)
+    frame = np.where(stored_null, suffix_frame, frame_arr.fill_null(-1).to_numpy())
+    video = emb_video.take(take)
+    frame_str = pc.utf8_lpad(pc.cast(pa.array(frame), pa.string()), 4, "0")
+    image = pc.binary_join_element_wise(video, pa.scalar("_t"), frame_str, pa.scalar(""))
+    # frame_index: rank of the frame within its embryo (ids need not sort by frame).
+    order = np.lexsort((frame, owner))
+    n_per = np.bincount(owner, minlength=n_emb) if n else np.zeros(n_emb, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(n_per)[:-1]]) if n_emb else np.zeros(0, dtype=np.int64)
+    frame_index = np.empty(n, dtype=np.int64)
+    frame_index[order] = np.arange(n, dtype=np.int64) - starts[owner[order]]
+    pheno = _strings(values)
+    conf = _numbers(confs)
+    n_flags = np.fromiter(map(len, flag_lists), dtype=np.int64, count=n)
+    flag_text = np.full(n, "", dtype=object)
+    for i in np.flatnonzero(n_flags).tolist():
+        flag_text[i] = ",".join(sorted({f["value"] for f in flag_lists[i]}))
+    columns: dict[str, Any] = {
+        "experiment_id": emb_exp.take(take),
+        "video_id": video,
+        "embryo_id": emb,
+        "image_id": image,
+        "frame": frame,
+        "frame_index": frame_index,
+        "n_frames": n_per[owner] if n else np.zeros(0, dtype=np.int64),
+        "phenotype": pheno,
+        "phenotype_confidence": conf,
+        "phenotype_author": _strings(authors),
+        "phenotype_timestamp": _strings(stamps),
+        "genotype": emb_geno.take(take),
+        "genotype_confirmed": emb_conf[owner] if n else np.zeros(0, dtype=bool),
+        "death_frame": emb_death.take(owner) if n else pd.array([], dtype="Int64"),
+        "is_dead": pc.equal(pheno, pa.scalar("DEAD")).to_numpy(zero_copy_only=False) if n else np.zeros(0, dtype=bool),
+        "n_flags": n_flags,
+        "flag_list": pa.array(flag_text, type=pa.string()),
+    }
+    for key, column in keys.items():
+        columns[key] = _numbers(column)
+    table = pd.DataFrame(
+        {name: _to_pandas(col, SNIP_COLUMNS.get(name, np.float64)) for name, col in columns.items()},
+        index=pd.Index(pd.arrays.ArrowStringArray(sid), name=SNIP_INDEX),
+        copy=False,
+    )
+    # Keep the id-check results aside for the semantic checks (not table columns).
+    table.attrs["_checks"] = {
+        "valid_id": valid.to_numpy(zero_copy_only=False),
+        "has_suffix": pc.is_valid(suffix).to_numpy(zero_copy_only=False),
+        "suffix_frame": suffix_frame,
+        "stored_frame": ~stored_null,
+        "order": order,
+    }
+    return table
+
+
+def _numbers(values: list[Any]) -> np.ndarray:
+    # Types were checked before: numbers or None, None becomes NaN.
+    return pa.array(values, type=pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def _to_pandas(col: Any, dtype: Any) -> Any:
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if isinstance(col, pa.Array) and dtype is STRING:
+        return pd.arrays.ArrowStringArray(col)
+    return pd.array(col, dtype=dtype, copy=False)
+
+
+def _semantic_checks(
+    snips: pd.DataFrame,
+    embryo_ids: list[str],
+    embryo_objs: list[Any],
+    bad: set[int],
+    owner: np.ndarray,
+    sets: dict[str, Any],
+    flag_lists: list[list[dict[str, Any]]],
+    snip_ids: list[str],
+) -> list[Problem]:
+    out: list[Problem] = []
+    attrs = snips.attrs
+    sid = _LazyIds(snips.index)
+
+    def snip_path(i: int, *rest: str | int) -> str:
+        return json_path("embryos", embryo_ids[owner[i]], "snips", sid[i], *rest)
+
+    # Embryo ids and sources.
+    for i, eid in enumerate(embryo_ids):
+        if i in bad:
+            continue
+        src = embryo_objs[i]["source"]
+        try:
+            exp, video = ids.parse_embryo_id(eid)
+        except ValueError as err:
+            out.append((json_path("embryos", eid), f"bad key: {err}"))
+            continue
+        if src["video_id"] != video or src["experiment_id"] != exp:
+            out.append((
+                json_path("embryos", eid, "source"),
+                f"embryo id {eid!r} implies video_id {video!r} and experiment_id {exp!r}, "
+                f"found {src['video_id']!r} and {src['experiment_id']!r}",
+            ))
+    # Snip ids: form, prefix, frame agreement.
+    chk = attrs["_checks"]
+    emb_of_snip = snips["embryo_id"]
+    for i in np.flatnonzero(~chk["has_suffix"]):
+        out.append((snip_path(i), f"bad snip id {sid[i]!r}; expected '{{embryo_id}}_{{s|t|}}NNNN' (3 or 4 digits)"))
+    for i in np.flatnonzero(chk["has_suffix"] & ~chk["valid_id"]):
+        out.append((snip_path(i), f"snip id {sid[i]!r} does not start with its embryo id {emb_of_snip.iat[i]!r}"))
+    frame = snips["frame"].to_numpy()
+    for i in np.flatnonzero(chk["valid_id"] & chk["stored_frame"] & (frame != chk["suffix_frame"])):
+        out.append((snip_path(i, "frame"), f"frame {frame[i]} disagrees with the snip id suffix (frame {chk['suffix_frame'][i]})"))
+    order = chk["order"]
+    same = (owner[order][1:] == owner[order][:-1]) & (frame[order][1:] == frame[order][:-1])
+    for i in order[1:][same]:
+        out.append((snip_path(i), f"frame {frame[i]} occurs twice in embryo {emb_of_snip.iat[i]!r}; one snip per frame"))
+    # Phenotypes.
+    pheno = snips["phenotype"]
+    for i in np.flatnonzero(~pheno.isin(sets["phenotypes"]).to_numpy()):
+        val = pheno.iat[i]
+        out.append((snip_path(i, "phenotype", "value"), f"unknown phenotype {val!r}{suggest(val, sets['phenotypes'])}; permitted: {', '.join(sorted(sets['phenotypes']))}"))
+    out.extend(_author_time_checks(snips["phenotype_author"], snips["phenotype_timestamp"], lambda i, k: snip_path(i, "phenotype", k)))
+    conf = snips["phenotype_confidence"].to_numpy()
+    for i in np.flatnonzero((conf < 0) | (conf > 1)):
+        out.append((snip_path(i, "phenotype", "confidence"), f"confidence must be within [0, 1], found {conf[i]}"))
+    # death_frame is a cache of the snips: it must equal the smallest DEAD frame,
+    # and every later snip must be DEAD (permanence).
+    dead = snips["is_dead"].to_numpy()
+    n_emb = len(embryo_ids)
+    first_dead = np.full(n_emb, np.iinfo(np.int64).max)
+    np.minimum.at(first_dead, owner[dead], frame[dead])
+    for i in range(n_emb):
+        if i in bad:
+            continue
+        stored_death = embryo_objs[i]["death_frame"]
+        actual = None if first_dead[i] == np.iinfo(np.int64).max else int(first_dead[i])
+        if stored_death != actual:
+            what = "null (no DEAD snip)" if actual is None else f"{actual} (its smallest DEAD frame)"
+            out.append((json_path("embryos", embryo_ids[i], "death_frame"), f"death_frame is {stored_death!r} but must be {what}; death_frame is a cache of the snips"))
+    alive_after = (~dead) & (frame > first_dead[owner])
+    for i in np.flatnonzero(alive_after):
+        out.append((snip_path(i, "phenotype", "value"), f"{pheno.iat[i]!r} at frame {frame[i]} after death at frame {first_dead[owner[i]]}: DEAD is permanent and must fill forward"))
+    # Embryo-level flags, genotypes and treatments.
+    stamps = _Stamps()
+    for i, eid in enumerate(embryo_ids):
+        if i in bad:
+            continue
+        e = embryo_objs[i]
+        out.extend(_flag_list_checks(e["flags"], "embryo", sets, ("embryos", eid, "flags"), stamps))
+        g = e["genotype"]
+        if g:
+            if g["value"] not in sets["genotypes"]:
+                out.append((json_path("embryos", eid, "genotype", "value"), f"unknown genotype {g['value']!r}{suggest(g['value'], sets['genotypes'])}; permitted: {', '.join(sorted(sets['genotypes']))}"))
+            if "zygosity" in g and g["zygosity"] not in sets["zygosity"]:
+                out.append((json_path("embryos", eid, "genotype", "zygosity"), f"unknown zygosity {g['zygosity']!r}{suggest(g['zygosity'], sets['zygosity'])}"))
+            stamps.add(g, ("embryos", eid, "genotype"))
+        for k, t in enumerate(e["treatments"]):
+            stamps.add(t, ("embryos", eid, "treatments", k))
+    # Snip-level flags: only snips that have any.
+    for i in np.flatnonzero(snips["n_flags"].to_numpy() > 0):
+        out.extend(_flag_list_checks(flag_lists[i], "snip", sets, ("embryos", embryo_ids[owner[i]], "snips", sid[i], "flags"), stamps))
+    out.extend(stamps.problems())
+    return out
+
+
+class _LazyIds:
+    """Index positions to ids, without materialising a million Python strings."""
+
+    def __init__(self, index: pd.Index) -> None:
+        self.index = index
+
+    def __getitem__(self, i: int) -> str:
+        return str(self.index[i])
+
+
+def _author_time_checks(author: pd.Series, stamp: pd.Series, where: Any) -> list[Problem]:
+    out: list[Problem] = []
+    # Authors and timestamps repeat a lot: check each distinct value once.
+    codes, uniques = pd.factorize(author)
+    blank = (pd.Series(uniques, dtype=STRING).str.strip().str.len().to_numpy() == 0)[codes]
+    for i in np.flatnonzero(blank):
+        out.append((where(i, "author"), "author must be a non-empty name"))
+    codes, uniques = pd.factorize(stamp)
+    bad = (~pd.Series(uniques, dtype=STRING).str.match(TIMESTAMP_PATTERN).to_numpy(dtype=bool, na_value=False))[codes]
+    for i in np.flatnonzero(bad):
+        out.append((where(i, "timestamp"), f"timestamp {stamp.iat[i]!r} is not ISO 8601 with a UTC offset, e.g. '2026-01-05T10:00:00+00:00'"))
+    return out
+
+
+class _Stamps:
+    """Authors and timestamps of many small objects, checked in one pass."""
+
+    def __init__(self) -> None:
+        self.paths: list[tuple[str | int, ...]] = []
+        self.authors: list[Any] = []
+        self.stamps: list[Any] = []
+
+    def add(self, obj: dict[str, Any], path: tuple[str | int, ...]) -> None:
+        self.paths.append(path)
+        self.authors.append(obj.get("author") if isinstance(obj.get("author"), str) else "")
+        self.stamps.append(obj.get("timestamp") if isinstance(obj.get("timestamp"), str) else "")
+
+    def problems(self) -> list[Problem]:
+        if not self.paths:
+            return []
+        return _author_time_checks(
+            pd.Series(self.authors, dtype=STRING),
+            pd.Series(self.stamps, dtype=STRING),
+            lambda i, k: json_path(*self.paths[i], k),
+        )
+
+
+def _flag_list_checks(flags: list[dict[str, Any]], level: str, sets: dict[str, Any], path: tuple[str | int, ...], stamps: _Stamps) -> list[Problem]:
+    out: list[Problem] = []
+    seen: set[str] = set()
+    permitted = sets["flags"].get(level, set())
+    for k, f in enumerate(flags):
+        value = f.get("value")
+        if value not in permitted:
+            out.append((json_path(*path, k, "value"), f"flag {value!r} is not permitted at level {level!r}{suggest(value, permitted)}; permitted: {', '.join(sorted(permitted))}"))
+        if value in seen:
+            out.append((json_path(*path, k, "value"), f"flag {value!r} occurs twice; a flag value appears at most once per entity"))
+        seen.add(value)
+        if "severity" in f and f["severity"] not in sets["severity"]:
+            out.append((json_path(*path, k, "severity"), f"unknown severity {f['severity']!r}; permitted: {', '.join(sorted(sets['severity']))}"))
+        stamps.add(f, (*path, k))
+    return out
+
+
+def _store_flag_checks(doc: dict[str, Any], sets: dict[str, Any]) -> list[Problem]:
+    out: list[Problem] = []
+    stamps = _Stamps()
+    flags = doc.get("flags")
+    if not isinstance(flags, dict):
+        return out
+    for level in ("experiment", "video", "image"):
+        entries = flags.get(level)
+        if not isinstance(entries, dict):
+            continue
+        for entity, flag_list in entries.items():
+            if isinstance(flag_list, list) and all(isinstance(f, dict) for f in flag_list):
+                out.extend(_flag_list_checks(flag_list, level, sets, ("flags", level, entity), stamps))
+    out.extend(stamps.problems())
+    return out
+
+
+def flags_table(doc: dict[str, Any]) -> pd.DataFrame:
+    """Every flag of a (valid) store in long format, one row per flag.
+
+    Parameters
+    ----------
+    doc : dict
+        A valid store document.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``level``, ``entity_id``, ``flag``, ``severity``, ``author``,
+        ``timestamp``, ``auto_generated``, ``notes``, ``confidence``.
+    """
+    rows: list[tuple[Any, ...]] = []
+
+    def add(level: str, entity: str, flags: list[dict[str, Any]]) -> None:
+        rows.extend(
+            (level, entity, f["value"], f.get("severity"), f["author"], f["timestamp"],
+             bool(f.get("auto_generated", False)), f.get("notes"), f.get("confidence"))
+            for f in flags
+        )
+
+    for level in ("experiment", "video", "image"):
+        for entity, flags in doc["flags"][level].items():
+            add(level, entity, flags)
+    for eid, e in doc["embryos"].items():
+        add("embryo", eid, e["flags"])
+        for sid, s in e["snips"].items():
+            if s["flags"]:
+                add("snip", sid, s["flags"])
+    columns = ["level", "entity_id", "flag", "severity", "author", "timestamp", "auto_generated", "notes", "confidence"]
+    table = pd.DataFrame(rows, columns=columns)
+    for name in ("level", "entity_id", "flag", "severity", "author", "timestamp", "notes"):
+        table[name] = table[name].astype(STRING)
+    table["auto_generated"] = table["auto_generated"].astype(bool)
+    table["confidence"] = pd.to_numeric(table["confidence"]).astype(np.float64)
+    return table
