@@ -257,3 +257,33 @@ def _first_difference(a: Any, b: Any, path: str, ignore: bool) -> str | None:
     if a != b or type(a) is not type(b):
         return f"{path} ({a!r} != {b!r})"
     return None
+
+
+def make_cohort(n_snips: int = 50_000, seed: int = 0) -> dict[str, Any]:
+    """Build a synthetic cohort document of about *n_snips* snips.
+
+    Parameters
+    ----------
+    n_snips : int, default 50,000
+        Approximate number of snips wanted.
+    seed : int, default 0
+        Random seed.
+
+    Returns
+    -------
+    dict
+        A valid store document (experiments of up to 96 embryos, 40 frames each
+        for large cohorts).
+
+    Examples
+    --------
+    >>> doc = make_cohort(2_000, seed=0)
+    >>> 1_500 < sum(len(e["snips"]) for e in doc["embryos"].values()) < 2_500
+    True
+    """
+    n_frames = 40 if n_snips >= 4_000 else max(5, n_snips // 20)
+    # About 7% of frames go missing (gaps and short tracks).
+    embryos_total = max(1, round(n_snips / (0.93 * n_frames)))
+    n_experiments = max(1, -(-embryos_total // 96))
+    n_embryos = -(-embryos_total // n_experiments)
+    return make_document(n_experiments, n_embryos, n_frames, seed)

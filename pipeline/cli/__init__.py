@@ -1,0 +1,62 @@
+"""The ``embryo-pipeline`` command line.
+
+Each subcommand lives in its own module of this package and registers itself
+with :func:`register`-style ``add_parser(subparsers)``. Exit status: 0 when
+everything applied, 1 when some rows failed or were skipped (or a store is
+invalid), 2 for unusable input, with a one-line error and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from pipeline import __version__
+
+__all__ = ["main", "COMMANDS", "EXIT_OK", "EXIT_PARTIAL", "EXIT_UNUSABLE"]
+
+EXIT_OK = 0
+EXIT_PARTIAL = 1
+EXIT_UNUSABLE = 2
+
+#: Subcommand modules, in the order ``--help`` lists them.
+COMMANDS: tuple[str, ...] = ("demo", "validate", "info")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="embryo-pipeline",
+        description="Zebrafish embryo annotations: JSON store to a snip-level Dask DataFrame, and batch work on it.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"pipeline.cli.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name; default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        0, 1 or 2 (see the module docstring).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from pipeline.cli._common import run_command
+
+    return run_command(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
