@@ -153,3 +153,59 @@ def empty_frame(columns: dict[str, Any], index: str | None = None) -> pd.DataFra
     data = {name: pd.Series([], dtype=dtype) for name, dtype in columns.items()}
     idx = pd.Index([], dtype=STRING, name=index) if index else pd.RangeIndex(0)
     return pd.DataFrame(data, index=idx)
+
+
+#: The phenotype change set of :func:`pipeline.assign_phenotypes`: one row per
+#: affected snip (``status`` assigned, backfilled, unchanged or skipped), plus one
+#: row per failed assignment row (``status`` failed, ``snip_id`` missing).
+PHENOTYPE_CHANGE_COLUMNS: dict[str, Any] = {
+    "snip_id": STRING,
+    "embryo_id": STRING,
+    "frame": pd.Int64Dtype(),
+    "row": np.dtype("int64"),
+    "old_value": STRING,
+    "new_value": STRING,
+    "status": STRING,
+    "reason": STRING,
+    "author": STRING,
+    "timestamp": STRING,
+    "confidence": np.dtype("float64"),
+    "notes": STRING,
+}
+
+#: The genotype change set of :func:`pipeline.assign_genotypes`: one row per
+#: assignment row.
+GENOTYPE_CHANGE_COLUMNS: dict[str, Any] = {
+    "embryo_id": STRING,
+    "row": np.dtype("int64"),
+    "old_value": STRING,
+    "new_value": STRING,
+    "status": STRING,
+    "reason": STRING,
+    "author": STRING,
+    "timestamp": STRING,
+    "allele": STRING,
+    "zygosity": STRING,
+    "confirmed": np.dtype("bool"),
+    "confidence": np.dtype("float64"),
+    "notes": STRING,
+}
+
+#: The flag change set of :func:`pipeline.run_detectors`: one row per hit
+#: (``status`` "raised") and one per detector failure on a partition
+#: (``status`` "failed", ``reason`` says why, ``entity_id`` is missing).
+FLAG_CHANGE_COLUMNS: dict[str, Any] = {
+    "entity_id": STRING,
+    "level": STRING,
+    "flag": STRING,
+    "severity": STRING,
+    "notes": STRING,
+    "confidence": np.dtype("float64"),
+    "detector": STRING,
+    "author": STRING,
+    "status": STRING,
+    "reason": STRING,
+}
+
+#: Statuses a change-set row can have.
+STATUSES: tuple[str, ...] = ("assigned", "backfilled", "unchanged", "skipped", "failed", "raised", "cleared")
