@@ -27,6 +27,10 @@ from pipeline.errors import (
 )
 from pipeline.store import Store, read_store, validate_store, write_store
 from pipeline.snips import snips_from_store
+from pipeline.ranges import FrameRange, expand_ranges, parse_range, select_positions
+from pipeline.phenotypes import assign_genotypes, assign_phenotypes, read_assignments
+from pipeline.merge import MergeReport, merge_into_store, undo
+from pipeline.changelog import read_changelog
 from pipeline import testing
 
 __all__ = [
@@ -38,6 +42,20 @@ __all__ = [
     "write_store",
     # 2 snips
     "snips_from_store",
+    # 3 ranges
+    "FrameRange",
+    "parse_range",
+    "select_positions",
+    "expand_ranges",
+    # 4 phenotypes and genotypes
+    "assign_phenotypes",
+    "assign_genotypes",
+    "read_assignments",
+    # 5 merge
+    "MergeReport",
+    "merge_into_store",
+    "undo",
+    "read_changelog",
     # helpers
     "testing",
     # errors

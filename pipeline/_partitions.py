@@ -102,15 +102,22 @@ def check_meta(part: pd.DataFrame, meta: pd.DataFrame, stage: str) -> pd.DataFra
     return part
 
 
-def _apply(part: pd.DataFrame, func: Callable[..., pd.DataFrame], meta: pd.DataFrame, stage: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> pd.DataFrame:
-    return check_meta(func(part, *args, **kwargs), meta, stage)
+def _apply(
+    part: pd.DataFrame,
+    *others: pd.DataFrame,
+    _func: Callable[..., pd.DataFrame],
+    _meta: pd.DataFrame,
+    _stage: str,
+    **kwargs: Any,
+) -> pd.DataFrame:
+    return check_meta(_func(part, *others, **kwargs), _meta, _stage)
 
 
 def map_parts(
     snips: dd.DataFrame,
     func: Callable[..., pd.DataFrame],
     meta: pd.DataFrame,
-    *args: Any,
+    *others: dd.DataFrame,
     stage: str,
     **kwargs: Any,
 ) -> dd.DataFrame:
@@ -121,12 +128,16 @@ def map_parts(
     snips : dask.dataframe.DataFrame
         The input.
     func : callable
-        ``func(part, *args, **kwargs) -> pandas.DataFrame``; a top-level
+        ``func(part, *other_parts, **kwargs) -> pandas.DataFrame``; a top-level
         function so it pickles to workers.
     meta : pandas.DataFrame
         Empty frame with the output's columns and dtypes.
-    *args, **kwargs
-        Passed to *func*; pass large inputs as Dask collections or futures.
+    *others : dask.dataframe.DataFrame
+        Collections with as many partitions as *snips*: partition ``i`` of each
+        is passed with partition ``i`` of *snips* (how large inputs such as
+        assignment tables travel: never baked into the task graph).
+    **kwargs
+        Small parameters passed to *func*.
     stage : str
         Label shown on the dashboard (``"assign"``, ``"detect"``, ...).
 
@@ -137,11 +148,11 @@ def map_parts(
     """
     return snips.map_partitions(
         _apply,
-        func,
-        meta,
-        stage,
-        args,
-        kwargs,
+        *others,
+        _func=func,
+        _meta=meta,
+        _stage=stage,
+        **kwargs,
         meta=meta,
         token=f"{stage}-{uuid.uuid4().hex[:8]}",
         enforce_metadata=False,

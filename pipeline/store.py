@@ -210,6 +210,27 @@ class Store:
             raise StoreFormatError(_format_problems(problems, where), problems=problems, path=where)
         return problems
 
+    def check_embryos(self, embryo_ids: list[str] | set[str]) -> None:
+        """Check only some embryos (after a batch touched them), raising on problems.
+
+        Parameters
+        ----------
+        embryo_ids : collection of str
+            The embryos to check, with the store's top-level parts.
+
+        Raises
+        ------
+        StoreFormatError
+            If any of them breaks the contract.
+        """
+        sub = {k: v for k, v in self.doc.items() if k != "embryos"}
+        sub["embryos"] = {e: self.embryos[e] for e in embryo_ids if e in self.embryos}
+        with paused_gc():
+            problems = build_tables(sub, self.vocabulary).problems
+        if problems:
+            where = str(self.path) if self.path else "store"
+            raise StoreFormatError(_format_problems(problems, where), problems=problems, path=where)
+
     def counts(self) -> dict[str, int]:
         """Numbers of experiments, videos, embryos and snips."""
         table = self.tables().snips
@@ -584,6 +605,7 @@ class Store:
         lock_timeout: float = LOCK_TIMEOUT,
         force: bool = False,
         _locked: bool = False,
+        _checked: bool = False,
     ) -> Path:
         """Write the store atomically and durably, under its lock.
 
@@ -624,7 +646,8 @@ class Store:
                     "re-apply your edits (batch functions do this for you), or save(force=True)."
                 )
                 raise MergeConflictError(msg)
-            self.validate(raise_on_error=True)
+            if not _checked:
+                self.validate(raise_on_error=True)
             self.doc["file_info"]["last_updated"] = now()
             atomic_write_bytes(target, self.to_bytes(), backups=backups)
         if self.upgrade_report:

@@ -43,3 +43,29 @@ def run_command(args: argparse.Namespace) -> int:
         if isinstance(err, FileNotFoundError):
             text = f"no such file: {err.filename}"
         return fail(text)
+
+
+def add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """Options every computing command shares: partitions, quiet.
+
+    Where work runs (``--scheduler``, workers, dashboard) is added by
+    :mod:`pipeline.cluster` when available.
+    """
+    parser.add_argument("--npartitions", type=int, default=None, help="partitions of the snip table (default: one per 100,000 snips)")
+    parser.add_argument("--quiet", action="store_true", help="print only the summary; no progress bar")
+    try:
+        from pipeline.cluster import add_cluster_options
+    except ImportError:
+        return
+    add_cluster_options(parser)
+
+
+def runtime(args: argparse.Namespace) -> Any:
+    """Context in which a command computes: the chosen scheduler and progress display."""
+    try:
+        from pipeline.cluster import runtime_from_args
+    except ImportError:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return runtime_from_args(args)

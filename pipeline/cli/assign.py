@@ -1,0 +1,101 @@
+"""``embryo-pipeline assign`` and ``genotypes``: batch assignment from a file.
+
+``assign STORE ASSIGNMENTS --author NAME`` assigns phenotypes to frame ranges
+(CSV, XLSX or JSON with ``embryo_id``, ``phenotype``, optional ``frames``,
+``confidence``, ``notes``); ``genotypes STORE ASSIGNMENTS --author NAME``
+assigns genotypes. Both merge in one atomic, logged batch, or only preview with
+``--dry-run``. Exit status 0 when every row applied, 1 when some failed or were
+skipped, 2 for unusable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.cli._common import add_runtime_options, runtime, say
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``assign`` and ``genotypes``."""
+    p = sub.add_parser("assign", help="assign phenotypes to frame ranges from a CSV/XLSX/JSON file")
+    p.add_argument("store", help="the store's JSON file")
+    p.add_argument("assignments", help="CSV, XLSX or JSON file: embryo_id, phenotype, frames, confidence, notes")
+    p.add_argument("--author", required=True, help="who makes the changes (recorded on every value)")
+    p.add_argument("--on-existing", choices=("overwrite", "skip", "error"), default="overwrite",
+                   help="what to do with snips that already hold another phenotype (default: %(default)s)")
+    p.add_argument("--overwrite-dead", action="store_true", help="allow non-DEAD values at or after death (DEAD stays permanent)")
+    _common_options(p)
+    p.set_defaults(run=run_assign)
+
+    g = sub.add_parser("genotypes", help="assign genotypes to embryos from a CSV/XLSX/JSON file")
+    g.add_argument("store", help="the store's JSON file")
+    g.add_argument("assignments", help="CSV, XLSX or JSON file: embryo_id, genotype, allele, zygosity, confirmed, notes")
+    g.add_argument("--author", required=True, help="who makes the changes")
+    g.add_argument("--no-overwrite", action="store_true", help="skip embryos that already have a genotype")
+    _common_options(g)
+    g.set_defaults(run=run_genotypes)
+
+
+def _common_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help="show what would change; write nothing")
+    p.add_argument("--report", metavar="OUT.csv", help="write the whole change set to this CSV file")
+    p.add_argument("--sheet", help="sheet of an XLSX file (default: the first)")
+    add_runtime_options(p)
+
+
+def _finish(args: argparse.Namespace, report: object) -> int:
+    from pipeline.merge import MergeReport
+
+    assert isinstance(report, MergeReport)
+    if args.report:
+        report.changes.to_csv(args.report, index=False)
+    if args.dry_run and not args.quiet:
+        preview = report.changes.loc[report.changes["status"] != "unchanged"].head(40)
+        with pd.option_context("display.width", 160, "display.max_columns", 12, "display.max_colwidth", 60):
+            say("preview (first 40 changes):\n" + (preview.to_string(index=False) if len(preview) else "  (none)"))
+    say(report.summary())
+    return report.exit_code
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202 - returns (Store, DataFrame)
+    from pipeline.phenotypes import read_assignments
+    from pipeline.store import read_store
+
+    store = read_store(args.store)
+    table = read_assignments(Path(args.assignments), sheet_name=args.sheet)
+    return store, table
+
+
+def run_assign(args: argparse.Namespace) -> int:
+    """Assign phenotypes and merge (or preview)."""
+    import pipeline
+
+    store, table = _load(args)
+    with runtime(args):
+        snips = pipeline.snips_from_store(store, npartitions=args.npartitions)
+        changes = pipeline.assign_phenotypes(
+            snips, table, author=args.author, on_existing=args.on_existing,
+            overwrite_dead=args.overwrite_dead, vocabulary=store.vocabulary,
+        )
+        report = pipeline.merge_into_store(
+            store, changes, dry_run=args.dry_run,
+            inputs={"command": "assign", "assignments": str(args.assignments), "on_existing": args.on_existing,
+                    "overwrite_dead": args.overwrite_dead},
+        )
+    return _finish(args, report)
+
+
+def run_genotypes(args: argparse.Namespace) -> int:
+    """Assign genotypes and merge (or preview)."""
+    import pipeline
+
+    store, table = _load(args)
+    changes = pipeline.assign_genotypes(store, table, author=args.author, overwrite=not args.no_overwrite)
+    report = pipeline.merge_into_store(
+        store, changes, dry_run=args.dry_run,
+        inputs={"command": "genotypes", "assignments": str(args.assignments)},
+    )
+    return _finish(args, report)
