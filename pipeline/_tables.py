@@ -511,8 +511,10 @@ def _semantic_checks(
         if src["video_id"] != video or src["experiment_id"] != exp:
             out.append((
                 json_path("embryos", eid, "source"),
-                f"embryo id {eid!r} implies video_id {video!r} and experiment_id {exp!r}, "
-                f"found {src['video_id']!r} and {src['experiment_id']!r}",
+                (
+                    f"embryo id {eid!r} implies video_id {video!r} and experiment_id {exp!r}, "
+                    f"found {src['video_id']!r} and {src['experiment_id']!r}"
+                ),
             ))
     # Snip ids: form, prefix, frame agreement.
     chk = attrs["_checks"]

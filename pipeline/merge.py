@@ -19,14 +19,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dask.dataframe as dd
-from dask.callbacks import Callback
 import numpy as np
 import pandas as pd
+from dask.callbacks import Callback
 
 from pipeline import changelog, ids
 from pipeline._atomic import LOCK_TIMEOUT
 from pipeline.errors import MergeConflictError
-from pipeline.schema import FLAG_CHANGE_COLUMNS, GENOTYPE_CHANGE_COLUMNS, PHENOTYPE_CHANGE_COLUMNS
+from pipeline.schema import (
+    FLAG_CHANGE_COLUMNS,
+    GENOTYPE_CHANGE_COLUMNS,
+    PHENOTYPE_CHANGE_COLUMNS,
+)
 from pipeline.store import Store, now
 
 __all__ = ["MergeReport", "merge_into_store", "undo", "kind_of"]
@@ -110,7 +114,7 @@ class MergeReport:
             lines.append(f"  failed rows ({len(self.failed)}):")
             for _, r in self.failed.head(20).iterrows():
                 where = r.get("entity_id", r.get("embryo_id", ""))
-                lines.append(f"    row {r['row'] if 'row' in r else '-'}: {where}: {r['reason']}")
+                lines.append(f"    row {r.get('row', '-')}: {where}: {r['reason']}")
             if len(self.failed) > 20:
                 lines.append(f"    ... and {len(self.failed) - 20} more")
         return "\n".join(lines)

@@ -16,6 +16,7 @@ batch work: there is no separate reordering step.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import dask.dataframe as dd
@@ -77,7 +78,7 @@ def partition_bounds(video_ids: pd.Series | np.ndarray, npartitions: int) -> lis
     cuts = np.unique(starts[np.clip(np.searchsorted(starts, wanted), 0, len(starts) - 1)])
     cuts = cuts[(cuts > 0) & (cuts < n)]
     edges = [0, *cuts.tolist(), n]
-    return list(zip(edges[:-1], edges[1:], strict=True))
+    return list(itertools.pairwise(edges))
 
 
 def snips_from_store(store: Store, npartitions: int | None = None) -> dd.DataFrame:

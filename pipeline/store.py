@@ -116,7 +116,7 @@ class Store:
     >>> from pipeline.testing import make_store
     >>> store = make_store(n_experiments=1, n_embryos=2, n_frames=5, seed=0)
     >>> store.counts()["snips"]
-    10
+    9
     """
 
     def __init__(
@@ -711,7 +711,8 @@ def read_store(path: str | os.PathLike[str], *, quiet: bool = False) -> Store:
         try:
             doc, report = upgrade(doc)
         except ValueError as err:
-            raise StoreFormatError(f"{path}: cannot upgrade legacy file: {err}", path=str(path)) from None
+            msg = f"{path}: cannot upgrade legacy file: {err}"
+            raise StoreFormatError(msg, path=str(path)) from None
         if not quiet:
             warn(
                 f"{path} is a legacy EmbryoMetadata file; it was upgraded in memory and will be "

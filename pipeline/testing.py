@@ -232,7 +232,8 @@ def assert_store_equal(left: Store | dict[str, Any], right: Store | dict[str, An
     b = right.doc if isinstance(right, Store) else right
     diff = _first_difference(a, b, "$", ignore_last_updated)
     if diff is not None:
-        raise AssertionError(f"stores differ at {diff}")
+        msg = f"stores differ at {diff}"
+        raise AssertionError(msg)
 
 
 def _first_difference(a: Any, b: Any, path: str, ignore: bool) -> str | None:
