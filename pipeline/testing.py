@@ -12,11 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from pipeline.schema import SCHEMA_VERSION
 from pipeline.store import Store
 
-__all__ = ["make_store", "make_document", "assert_store_equal"]
+__all__ = ["make_store", "make_document", "make_cohort", "make_assignments", "assert_store_equal"]
 
 _ROWS = "ABCDEFGH"
 _GENOTYPES = ["WT", "lmx1b", "tmem67", "sox9a", "cep290", "b9d2", "rpgrip1l", "shh", "TBD"]
@@ -288,3 +289,57 @@ def make_cohort(n_snips: int = 50_000, seed: int = 0) -> dict[str, Any]:
     n_experiments = max(1, -(-embryos_total // 96))
     n_embryos = -(-embryos_total // n_experiments)
     return make_document(n_experiments, n_embryos, n_frames, seed)
+
+
+_SPECS = ("all", "first", "last", "[0:5]", "[5:]", "[::3]", "[-3:]", "[8:2:-2]", "[0:3, -1]", "death", "death:",
+          "death-2:death+2", "t2..t10", "t5..", "[2]", "[-1]", "10:20")
+_PHENOTYPES = ("NORMAL", "EDEMA", "HEART_DEFECT", "BODY_AXIS", "CONVERGENCE_EXTENSION", "TBD", "DEAD")
+
+
+def make_assignments(store: Store, n_rows: int = 100, seed: int = 0, *, bad_fraction: float = 0.02) -> pd.DataFrame:
+    """Random phenotype assignments for a store: mixed specs and a few bad rows.
+
+    Parameters
+    ----------
+    store : Store
+        The store the rows refer to.
+    n_rows : int, default 100
+        Number of rows.
+    seed : int, default 0
+        Random seed.
+    bad_fraction : float, default 0.02
+        Share of rows that are wrong on purpose (unknown embryo or phenotype,
+        malformed range, confidence out of range).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``embryo_id``, ``phenotype``, ``frames``, ``confidence``, ``notes``.
+
+    Examples
+    --------
+    >>> rows = make_assignments(make_store(seed=0), n_rows=5, seed=1)
+    >>> list(rows.columns)
+    ['embryo_id', 'phenotype', 'frames', 'confidence', 'notes']
+    """
+    rng = np.random.default_rng(seed)
+    embryos = np.array(sorted(store.embryos), dtype=object)
+    rows = pd.DataFrame(
+        {
+            "embryo_id": rng.choice(embryos, n_rows),
+            "phenotype": rng.choice(np.array(_PHENOTYPES, dtype=object), n_rows, p=[0.3, 0.2, 0.15, 0.1, 0.05, 0.1, 0.1]),
+            "frames": rng.choice(np.array(_SPECS, dtype=object), n_rows),
+            "confidence": np.round(rng.uniform(0.5, 1.0, n_rows), 2),
+            "notes": np.where(rng.random(n_rows) < 0.1, "second pass", None),
+        }
+    )
+    bad = np.flatnonzero(rng.random(n_rows) < bad_fraction)
+    for k, i in enumerate(bad):
+        column, value = [
+            ("embryo_id", "20990101_A01_e01"),
+            ("phenotype", "EDMEA"),
+            ("frames", "[1:2:3:4]"),
+            ("confidence", 1.7),
+        ][k % 4]
+        rows.loc[i, column] = value
+    return rows

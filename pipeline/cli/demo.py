@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     import pipeline
     from pipeline.cli.info import summary
     from pipeline.store import Store
-    from pipeline.testing import make_cohort
+    from pipeline.testing import make_assignments, make_cohort
 
     if args.snips < 1:
         msg = f"--snips must be at least 1, got {args.snips}"
@@ -62,6 +62,16 @@ def run(args: argparse.Namespace) -> int:
     snips = pipeline.snips_from_store(store)
     table = snips.compute(scheduler="threads")
     steps.done(f"flatten to Dask ({snips.npartitions} partitions) and compute", t)
+
+    t = time.perf_counter()
+    rows = make_assignments(store, n_rows=max(10, len(table) // 100), seed=args.seed)
+    changes = pipeline.assign_phenotypes(snips, rows, author="demo", vocabulary=store.vocabulary)
+    report = pipeline.merge_into_store(store, changes, inputs={"command": "demo"})
+    steps.done(f"assign {len(rows)} rows (2% bad on purpose) and merge", t)
+    say("    " + report.summary().replace("\n", "\n    "), quiet=args.quiet)
+    store = pipeline.read_store(path)
+    snips = pipeline.snips_from_store(store)
+    table = snips.compute(scheduler="threads")
 
     c = store.counts()
     say("")
