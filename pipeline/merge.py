@@ -300,31 +300,28 @@ def _touched_embryos(log: list[list[Any]]) -> set[str]:
     return touched
 
 
-def _snip_lookup(store: Store, snip_ids: np.ndarray) -> pd.DataFrame:
-    table = store.snip_table()
-    idx = table.index.get_indexer(pd.Index(snip_ids, dtype=table.index.dtype))
-    if (idx < 0).any():
-        missing = snip_ids[idx < 0][:5].tolist()
-        msg = f"{int((idx < 0).sum())} snip(s) of the change set are not in the store (e.g. {missing}); was it computed from another store?"
-        raise MergeConflictError(msg)
-    return table.iloc[idx]
-
-
 def _apply_phenotypes(store: Store, writes: pd.DataFrame, log: list[list[Any]], undo_ops: list[Callable[[], None]], force: bool) -> None:
     sids = writes["snip_id"].to_numpy(dtype=object)
-    current = _snip_lookup(store, sids)
+    emb = writes["embryo_id"].to_numpy(dtype=object)
+    embryos = store.embryos
+    # Look each snip up in the document itself: this works the same for a
+    # single file and for the shards of a sharded store (only touched shards load).
+    try:
+        snip_objs = [embryos[e]["snips"][s] for e, s in zip(emb, sids, strict=True)]
+    except KeyError as err:
+        msg = f"the change set names {err} which is not in the store; was it computed from another store?"
+        raise MergeConflictError(msg) from None
     if not force:
-        stale = current["phenotype"].to_numpy(dtype=object) != writes["old_value"].to_numpy(dtype=object)
+        current = np.array([s["phenotype"]["value"] for s in snip_objs], dtype=object)
+        stale = current != writes["old_value"].to_numpy(dtype=object)
         if stale.any():
-            bad = writes.loc[stale, ["snip_id", "old_value"]].assign(now=current["phenotype"].to_numpy(dtype=object)[stale])
+            bad = writes.loc[stale, ["snip_id", "old_value"]].assign(now=current[stale])
             msg = (
                 f"{int(stale.sum())} snip(s) changed since the change set was computed (another writer?), "
                 f"e.g. {bad['snip_id'].iloc[0]}: expected {bad['old_value'].iloc[0]!r}, found {bad['now'].iloc[0]!r}. "
                 "Nothing was written; recompute the change set from the store as it is now."
             )
             raise MergeConflictError(msg, failure_cases=bad)
-    embryos = store.embryos
-    emb = writes["embryo_id"].to_numpy(dtype=object)
     values = writes["new_value"].to_numpy(dtype=object)
     authors = writes["author"].to_numpy(dtype=object)
     stamps = writes["timestamp"].to_numpy(dtype=object)
@@ -333,8 +330,7 @@ def _apply_phenotypes(store: Store, writes: pd.DataFrame, log: list[list[Any]], 
     has_conf = ~np.isnan(confs)
     has_notes = pd.notna(writes["notes"]).to_numpy()
     # Writing JSON objects is a loop over changed snips: the store is a dict.
-    for i in range(len(sids)):
-        snip = embryos[emb[i]]["snips"][sids[i]]
+    for i, snip in enumerate(snip_objs):
         before = snip["phenotype"]
         entry = {"value": values[i], "author": authors[i], "timestamp": stamps[i]}
         if has_conf[i]:
@@ -345,20 +341,20 @@ def _apply_phenotypes(store: Store, writes: pd.DataFrame, log: list[list[Any]], 
         log.append(["snip", sids[i], "phenotype", before, entry])
         undo_ops.append(lambda snip=snip, before=before: snip.__setitem__("phenotype", before))
     # death_frame is a cache of the snips: recompute it for touched embryos.
-    touched = pd.unique(emb)
-    table = store.snip_table()
-    sub = table.loc[table["embryo_id"].isin(touched), ["embryo_id", "frame", "phenotype"]].copy()
-    changed = pd.Series(values, index=pd.Index(sids))
-    sub.loc[changed.index, "phenotype"] = changed.to_numpy()
-    dead = sub.loc[sub["phenotype"] == "DEAD"].groupby("embryo_id")["frame"].min()
-    for eid in touched:
+    for eid in pd.unique(emb):
         embryo = embryos[eid]
-        new_death = int(dead[eid]) if eid in dead.index else None
+        dead = [_frame_of(sid, s) for sid, s in embryo["snips"].items() if s["phenotype"]["value"] == "DEAD"]
+        new_death = min(dead) if dead else None
         if embryo["death_frame"] != new_death:
             before = embryo["death_frame"]
             embryo["death_frame"] = new_death
             log.append(["embryo", eid, "death_frame", before, new_death])
             undo_ops.append(lambda embryo=embryo, before=before: embryo.__setitem__("death_frame", before))
+
+
+def _frame_of(snip_id: str, snip: dict[str, Any]) -> int:
+    frame = snip.get("frame")
+    return ids.parse_snip_id(snip_id).frame if frame is None else frame
 
 
 def _apply_genotypes(store: Store, writes: pd.DataFrame, log: list[list[Any]], undo_ops: list[Callable[[], None]], force: bool) -> None:
