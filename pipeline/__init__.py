@@ -29,6 +29,19 @@ from pipeline.store import Store, read_store, validate_store, write_store
 from pipeline.snips import snips_from_store
 from pipeline.ranges import FrameRange, expand_ranges, parse_range, select_positions
 from pipeline.phenotypes import assign_genotypes, assign_phenotypes, read_assignments
+from pipeline import detectors
+from pipeline.detectors import (
+    Detector,
+    FrameGap,
+    HighlyVariableMask,
+    IncompleteExperiment,
+    LowMaskConfidence,
+    LowPhenotypeConfidence,
+    MissingGenotype,
+    NoEmbryo,
+    ShortTrack,
+    run_detectors,
+)
 from pipeline.merge import MergeReport, merge_into_store, undo
 from pipeline.changelog import read_changelog
 from pipeline import testing
@@ -51,6 +64,18 @@ __all__ = [
     "assign_phenotypes",
     "assign_genotypes",
     "read_assignments",
+    # 4 detectors
+    "detectors",
+    "Detector",
+    "run_detectors",
+    "HighlyVariableMask",
+    "LowMaskConfidence",
+    "LowPhenotypeConfidence",
+    "FrameGap",
+    "ShortTrack",
+    "MissingGenotype",
+    "NoEmbryo",
+    "IncompleteExperiment",
     # 5 merge
     "MergeReport",
     "merge_into_store",
