@@ -187,12 +187,17 @@ def main() -> None:
         action="store_true",
         help="draw slice bounds and frames from every value, not a pool of round numbers",
     )
+    parser.add_argument(
+        "--spec", help="give every row this one spec instead of the mix"
+    )
     args = parser.parse_args()
 
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     part = build_part(rng, args.embryos, args.frames)
     rows = build_rows(rng, part, args.rows, args.frames, args.diverse)
+    if args.spec is not None:
+        rows["spec"] = pd.Series([parse_range(args.spec)] * len(rows), dtype=object)
     n_distinct = rows["spec"].nunique()
     print(
         f"setup: {len(part):,} snips, {len(rows):,} rows, {n_distinct:,} distinct specs "

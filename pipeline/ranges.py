@@ -927,7 +927,7 @@ def select_positions(
     if frame_array.size and frame_array.dtype.kind not in "iu":
         msg = f"frames must be integers, got dtype {frame_array.dtype}"
         raise TypeError(msg)
-    frame_list = [int(f) for f in frame_array.ravel().tolist()]
+    frame_list = frame_array.ravel().tolist()  # Python ints
     if any(b <= a for a, b in itertools.pairwise(frame_list)):
         msg = "frames must be sorted ascending without duplicates"
         raise ValueError(msg)
