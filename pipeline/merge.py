@@ -217,7 +217,8 @@ def merge_into_store(
     kind = kind_of(changes)
     table = _compute(changes, progress)
     counts = {str(k): int(v) for k, v in table["status"].value_counts().items()}
-    failed = table.loc[table["status"] == "failed"].reset_index(drop=True)
+    failed = table.loc[table["status"] == "failed"]
+    failed = (failed.sort_values("row", kind="stable") if "row" in failed else failed).reset_index(drop=True)
     overrides = int(table["reason"].fillna("").str.startswith("overridden").sum())
     if kind == "flag":
         writes = table.loc[table["status"] == "raised"]

@@ -81,7 +81,7 @@ def partition_bounds(video_ids: pd.Series | np.ndarray, npartitions: int) -> lis
     return list(itertools.pairwise(edges))
 
 
-def snips_from_store(store: Store, npartitions: int | None = None) -> dd.DataFrame:
+def snips_from_store(store: Store, npartitions: int | None = None, *, measurements: list[str] | None = None) -> dd.DataFrame:
     """Flatten a store into a snip-level Dask DataFrame.
 
     Parameters
@@ -90,7 +90,11 @@ def snips_from_store(store: Store, npartitions: int | None = None) -> dd.DataFra
         A store from :func:`pipeline.read_store` or :func:`pipeline.testing.make_store`.
     npartitions : int, optional
         Number of partitions; default one per ~100,000 snips. Partitions hold
-        whole videos, so there may be fewer.
+        whole videos, so there may be fewer. A sharded store has one partition
+        per experiment, read by the workers (*npartitions* is ignored).
+    measurements : list of str, optional
+        Sharded stores only: the measurement columns (default those of the
+        smallest shard; a shard with others raises a clear error).
 
     Returns
     -------
@@ -106,6 +110,10 @@ def snips_from_store(store: Store, npartitions: int | None = None) -> dd.DataFra
     >>> snips.npartitions, snips.known_divisions
     (2, True)
     """
+    from pipeline.shards import ShardedStore, sharded_snips
+
+    if isinstance(store, ShardedStore):
+        return sharded_snips(store, measurements)
     table = store.snip_table()
     if npartitions is None:
         npartitions = max(1, math.ceil(len(table) / TARGET_PARTITION_SNIPS))

@@ -669,7 +669,8 @@ def read_store(path: str | os.PathLike[str], *, quiet: bool = False) -> Store:
     Parameters
     ----------
     path : path-like
-        The store's JSON file.
+        The store's JSON file, or a sharded store's folder (see
+        :mod:`pipeline.shards`; its shards are read when used).
     quiet : bool, default False
         Do not warn about a legacy upgrade (the report stays on the store).
 
@@ -700,8 +701,12 @@ def read_store(path: str | os.PathLike[str], *, quiet: bool = False) -> Store:
     6
     """
     path = Path(path)
+    from pipeline.shards import is_sharded, read_sharded
+
+    if is_sharded(path):
+        return read_sharded(path)
     if path.is_dir():
-        msg = f"{str(path)!r} is a folder; sharded stores are not supported yet: pass the store's JSON file"
+        msg = f"{str(path)!r} is a folder without a store.json: expected a store file or a sharded store's folder"
         raise StoreFormatError(msg, path=str(path))
     data = path.read_bytes()
     doc = _parse_json(data, str(path))
