@@ -44,6 +44,8 @@ from pipeline.detectors import (
 )
 from pipeline.merge import MergeReport, merge_into_store, undo
 from pipeline.changelog import read_changelog
+# 6 export
+from pipeline.export import ExportError, ExportResult, export_store, read_table, write_csv, write_feather, write_hdf5, write_parquet, write_table
 from pipeline import testing
 
 __all__ = [
@@ -81,6 +83,16 @@ __all__ = [
     "merge_into_store",
     "undo",
     "read_changelog",
+    # 6 export
+    "write_parquet",
+    "write_feather",
+    "write_hdf5",
+    "write_csv",
+    "write_table",
+    "export_store",
+    "read_table",
+    "ExportResult",
+    "ExportError",
     # helpers
     "testing",
     # errors

@@ -184,6 +184,9 @@ def build_tables(doc: dict[str, Any], vocab: dict[str, Any]) -> Tables:
         confs, frames, flag_lists, measures, keys,
     )
     problems.extend(_semantic_checks(snips, embryo_ids, embryo_objs, bad_embryos, owner, sets, flag_lists, snip_ids))
+    # The id-check arrays are spent: left in attrs they would ride along every
+    # partition (pd.concat compares attrs and fails on arrays; pyarrow warns).
+    snips.attrs = {}
     problems.extend(_store_flag_checks(doc, sets))
     return Tables(snips=snips, problems=problems, measurement_keys=list(keys))
 
