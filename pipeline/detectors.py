@@ -834,17 +834,24 @@ class IncompleteExperiment(BaseDetector):
     def partial(self, part: pd.DataFrame) -> pd.DataFrame:
         """Videos, embryos and short tracks per experiment of one partition."""
         # Videos and embryos never span partitions, so these counts add up.
-        per_embryo = part.groupby("embryo_id", sort=False).agg(
-            experiment_id=("experiment_id", "first"),
-            video_id=("video_id", "first"),
-            n=("experiment_id", "size"),
+        # Rows are grouped by embryo (hence video and experiment): work on runs.
+        embryo, _ = pd.factorize(part["embryo_id"], sort=False)
+        first = _first_per_group(embryo)
+        sizes = np.bincount(embryo)[embryo[first]] if len(first) else first
+        heads = part.iloc[first]
+        video, _ = pd.factorize(heads["video_id"], sort=False)
+        new_video = (
+            np.r_[True, video[1:] != video[:-1]] if len(video) else video.astype(bool)
         )
-        per_embryo["short"] = (per_embryo["n"] < self.min_snips).astype(np.int64)
-        out = per_embryo.groupby("experiment_id", sort=True).agg(
-            n_videos=("video_id", "nunique"),
-            n_embryos=("n", "size"),
-            n_short=("short", "sum"),
+        per_embryo = pd.DataFrame(
+            {
+                "experiment_id": heads["experiment_id"].to_numpy(dtype=object),
+                "n_videos": new_video.astype(np.int64),
+                "n_embryos": np.ones(len(first), dtype=np.int64),
+                "n_short": (sizes < self.min_snips).astype(np.int64),
+            }
         )
+        out = per_embryo.groupby("experiment_id", sort=True).sum()
         return out.astype(dict(self.partial_dtypes))
 
     def finish(self, totals: pd.DataFrame) -> pd.DataFrame:
