@@ -48,6 +48,9 @@ from pipeline.changelog import read_changelog
 from pipeline.export import ExportError, ExportResult, export_store, read_table, write_csv, write_feather, write_hdf5, write_parquet, write_table
 from pipeline import testing
 
+# Jupyter: plot imports matplotlib only when a figure is drawn
+from pipeline import plot, report
+
 __all__ = [
     "__version__",
     # 1 store
@@ -95,6 +98,9 @@ __all__ = [
     "ExportError",
     # helpers
     "testing",
+    # Jupyter
+    "plot",
+    "report",
     # errors
     "PipelineError",
     "PipelineWarning",
