@@ -144,6 +144,9 @@ def check(
         if "pattern" in schema and not _pattern(schema["pattern"]).search(value):
             out.append((where, f"{value!r} does not have the expected form ({_describe(schema, root)})"))
     if isinstance(value, int | float) and not isinstance(value, bool):
+        if ("minimum" in schema or "maximum" in schema) and value != value:
+            # NaN passes both comparisons, and JSON would turn it into null.
+            out.append((where, "expected a number, found NaN"))
         if "minimum" in schema and value < schema["minimum"]:
             out.append((where, f"expected a number >= {schema['minimum']}, found {value!r}"))
         if "maximum" in schema and value > schema["maximum"]:

@@ -159,6 +159,7 @@ def build_tables(doc: dict[str, Any], vocab: dict[str, Any]) -> Tables:
     for i in sorted(bad_embryos):
         before = len(problems)
         check(embryo_objs[i], defs["embryo"], ("embryos", embryo_ids[i]), problems)
+        problems.extend(_reserved_measurement_problems(embryo_objs[i], embryo_ids[i], problems[before:]))
         if len(problems) == before:
             problems.append((json_path("embryos", embryo_ids[i]), "malformed embryo"))
     # Embryo-level fields: a cheap shape test, the walker only where it fails.
@@ -286,7 +287,8 @@ def _extract_robust(snip_objs: list[Any], owner: np.ndarray, bad_embryos: set[in
     values = [p.get("value") for p in phenos]
     authors = [p.get("author") for p in phenos]
     stamps = [p.get("timestamp") for p in phenos]
-    confs = [p.get("confidence") for p in phenos]
+    # Absent is _MISSING; an explicit null is a wrong type (the schema wants a number).
+    confs = [p.get("confidence", _MISSING) for p in phenos]
     frames = [s.get("frame") for s in snip_objs]
     flag_lists = [s["flags"] for s in snip_objs]
     measures = [s.get("measurements") for s in snip_objs]
@@ -294,7 +296,7 @@ def _extract_robust(snip_objs: list[Any], owner: np.ndarray, bad_embryos: set[in
         (values, (str,)),
         (authors, (str,)),
         (stamps, (str,)),
-        (confs, (float, int, type(None))),
+        (confs, (float, int)),
         (frames, (int, type(None))),
         (flag_lists, (list,)),
         (measures, (dict, type(None))),
@@ -358,6 +360,23 @@ def _embryo_shape_ok(e: dict[str, Any]) -> bool:
     return _flags_shape_ok(e["flags"])
 
 
+def _reserved_measurement_problems(embryo: Any, embryo_id: str, found: list[Problem]) -> list[Problem]:
+    # The schema lists only the store's own field names; the package's full
+    # column list governs, so name the other collisions (e.g. "is_dead") too.
+    snips = embryo.get("snips") if embryo.__class__ is dict else None
+    if snips.__class__ is not dict:
+        return []
+    seen = {path for path, _ in found}
+    out: list[Problem] = []
+    for sid, snip in snips.items():
+        m = snip.get("measurements") if snip.__class__ is dict else None
+        for key in sorted(RESERVED_COLUMNS.intersection(m)) if m.__class__ is dict else []:
+            path = json_path("embryos", embryo_id, "snips", sid, "measurements", key)
+            if path not in seen:
+                out.append((path, f"measurement key {key!r} collides with the snip table's own column {key!r}; rename it, e.g. {key + '_measured'!r}"))
+    return out
+
+
 def _scrub(objs: list[Any], positions: list[int], placeholder: Any) -> list[Any]:
     # Malformed entries are replaced so later comprehensions cannot trip on
     # them; their embryos are already marked bad and left out of the table.
@@ -413,9 +432,11 @@ def _assemble(
     # the suffix sits in the last 6 characters, and a valid id is exactly its
     # embryo id followed by that suffix.
     tail = pc.extract_regex(pc.utf8_slice_codeunits(sid, -6), r"(?P<suffix>_[st]?(?P<digits>\d{3,4}))$")
-    suffix = tail.field("suffix")
+    # pc.struct_field, not StructArray.field: the latter ignores the struct's
+    # own nulls (ids without a suffix) and yields "" instead of null.
+    suffix = pc.struct_field(tail, "suffix")
     valid = pc.fill_null(pc.equal(pc.binary_join_element_wise(emb, suffix, ""), sid), False)
-    suffix_frame = pc.cast(pc.fill_null(tail.field("digits"), "-1"), pa.int64()).to_numpy()
+    suffix_frame = pc.cast(pc.fill_null(pc.struct_field(tail, "digits"), "-1"), pa.int64()).to_numpy()
     frame_arr = pa.array(frames, type=pa.int64())
     stored_null = frame_arr.is_null().to_numpy(zero_copy_only=False)
     frame = np.where(stored_null, suffix_frame, frame_arr.fill_null(-1).to_numpy())
@@ -430,6 +451,11 @@ def _assemble(
     frame_index[order] = np.arange(n, dtype=np.int64) - starts[owner[order]]
     pheno = _strings(values)
     conf = _numbers(confs)
+    # A NaN confidence would be written as null: report it. Absent ones are the
+    # _MISSING object, so the (cheap) counts differ only when there is one.
+    nan_conf = np.zeros(n, dtype=bool)
+    if np.isnan(conf).sum() != confs.count(_MISSING):
+        nan_conf = np.fromiter((c is not _MISSING and c != c for c in confs), dtype=bool, count=n)
     n_flags = np.fromiter(map(len, flag_lists), dtype=np.int64, count=n)
     flag_text = np.full(n, "", dtype=object)
     for i in np.flatnonzero(n_flags).tolist():
@@ -467,6 +493,7 @@ def _assemble(
         "suffix_frame": suffix_frame,
         "stored_frame": ~stored_null,
         "order": order,
+        "nan_confidence": nan_conf,
     }
     return table
 
@@ -540,7 +567,7 @@ def _semantic_checks(
         out.append((snip_path(i, "phenotype", "value"), f"unknown phenotype {val!r}{suggest(val, sets['phenotypes'])}; permitted: {', '.join(sorted(sets['phenotypes']))}"))
     out.extend(_author_time_checks(snips["phenotype_author"], snips["phenotype_timestamp"], lambda i, k: snip_path(i, "phenotype", k)))
     conf = snips["phenotype_confidence"].to_numpy()
-    for i in np.flatnonzero((conf < 0) | (conf > 1)):
+    for i in np.flatnonzero((conf < 0) | (conf > 1) | chk["nan_confidence"]):
         out.append((snip_path(i, "phenotype", "confidence"), f"confidence must be within [0, 1], found {conf[i]}"))
     # death_frame is a cache of the snips: it must equal the smallest DEAD frame,
     # and every later snip must be DEAD (permanence).
@@ -641,7 +668,7 @@ def _flag_list_checks(flags: list[dict[str, Any]], level: str, sets: dict[str, A
             out.append((json_path(*path, k, "value"), f"flag {value!r} occurs twice; a flag value appears at most once per entity"))
         seen.add(value)
         if "severity" in f and f["severity"] not in sets["severity"]:
-            out.append((json_path(*path, k, "severity"), f"unknown severity {f['severity']!r}; permitted: {', '.join(sorted(sets['severity']))}"))
+            out.append((json_path(*path, k, "severity"), f"unknown severity {f['severity']!r}{suggest(f['severity'], sets['severity'])}; permitted: {', '.join(sorted(sets['severity']))}"))
         stamps.add(f, (*path, k))
     return out
 
