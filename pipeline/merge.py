@@ -30,10 +30,12 @@ from pipeline.schema import (
     FLAG_CHANGE_COLUMNS,
     GENOTYPE_CHANGE_COLUMNS,
     PHENOTYPE_CHANGE_COLUMNS,
+    STRING,
+    empty_frame,
 )
 from pipeline.store import Store, now
 
-__all__ = ["MergeReport", "merge_into_store", "undo", "kind_of"]
+__all__ = ["MergeReport", "merge_into_store", "merge_many", "undo", "kind_of"]
 
 _WRITE = ("assigned", "backfilled")
 
@@ -263,6 +265,133 @@ def merge_into_store(
             raise
     return report
 
+
+def merge_many(
+    store: Store,
+    change_sets: Iterable[pd.DataFrame | dd.DataFrame],
+    *,
+    dry_run: bool = False,
+    kind: str | None = None,
+    lock_timeout: float = LOCK_TIMEOUT,
+    force: bool = False,
+    inputs: dict[str, Any] | None = None,
+) -> MergeReport:
+    """Write several phenotype and genotype change sets as ONE atomic, logged batch.
+
+    The same write as :func:`merge_into_store`, for a batch that changes both
+    snip phenotypes and embryo genotypes (a spreadsheet import): one lock, one
+    change-log record with one ``batch_id`` (so one :func:`undo` restores
+    everything), one atomic replace of the file, and on any failure nothing
+    written and the document restored in memory.
+
+    Parameters
+    ----------
+    store : Store
+        The store the change sets were computed from.
+    change_sets : iterable of pandas.DataFrame or dask.dataframe.DataFrame
+        Phenotype change sets (:func:`pipeline.assign_phenotypes`) and genotype
+        change sets (:func:`pipeline.assign_genotypes`); lazy ones are computed
+        together, once.
+    dry_run : bool, default False
+        Compute and report, write nothing.
+    kind : str, optional
+        The kind recorded in the report and the change log, e.g. ``"import"``;
+        default the change sets' kind when they are all of one kind, else ``"mixed"``.
+    lock_timeout : float, default LOCK_TIMEOUT
+        Seconds to wait for another writer's lock.
+    force : bool, default False
+        Write even where the store changed since the change sets were computed.
+    inputs : dict, optional
+        What produced the batch (file names, options), recorded in the log.
+
+    Returns
+    -------
+    MergeReport
+        Counts per status over all change sets; ``changes`` and ``failed`` hold
+        the rows of every change set with a ``kind`` column (``phenotype`` or
+        ``genotype``) and the union of their columns.
+
+    Raises
+    ------
+    MergeConflictError
+        If values changed on disk since the change sets were computed. Nothing
+        is written.
+    StoreLockedError
+        If another writer holds the lock past *lock_timeout*.
+    ValueError
+        If a change set is a flag change set (use :func:`merge_into_store`).
+
+    Notes
+    -----
+    Triggers computation.
+    """
+    sets = list(change_sets)
+    kinds = [kind_of(c) for c in sets]
+    if "flag" in kinds:
+        msg = "merge_many takes phenotype and genotype change sets; merge flag change sets with merge_into_store()"
+        raise ValueError(msg)
+    lazy = [i for i, c in enumerate(sets) if isinstance(c, dd.DataFrame)]
+    if lazy:
+        import dask
+
+        # One compute for every lazy change set, so shared inputs run once.
+        for i, table in zip(lazy, dask.compute(*(sets[i] for i in lazy)), strict=True):
+            sets[i] = table
+    tables: list[pd.DataFrame] = sets
+    label = kind or (kinds[0] if len(set(kinds)) == 1 else "mixed")
+    combined = _combine(tables, kinds)
+    counts = {str(k): int(v) for k, v in combined["status"].value_counts().items()}
+    failed = combined.loc[combined["status"] == "failed"]
+    failed = failed.sort_values("row", kind="stable").reset_index(drop=True)
+    overrides = int(combined["reason"].fillna("").str.startswith("overridden").sum())
+    writes = [t.loc[t["status"].isin(_WRITE)] for t in tables]
+    report = MergeReport(
+        batch_id=None, kind=label, counts=counts, n_written=sum(len(w) for w in writes), overrides=overrides,
+        failed=failed, changes=combined, dry_run=dry_run, path=str(store.path) if store.path else None,
+    )
+    if dry_run or report.n_written == 0:
+        return report
+    with store.locked(lock_timeout):
+        if store.changed_on_disk():
+            store.reload()
+            report.notes.append("the store was changed by another writer: re-read, and the batch applied on top")
+        log: list[list[Any]] = []
+        undo_ops: list[Callable[[], None]] = []
+        try:
+            for k, w in zip(kinds, writes, strict=True):
+                if not len(w):
+                    continue
+                if k == "phenotype":
+                    _apply_phenotypes(store, w, log, undo_ops, force)
+                else:
+                    _apply_genotypes(store, w, log, undo_ops, force)
+            if not log:
+                store.invalidate()
+                return report
+            store.invalidate()
+            store.check_embryos(_touched_embryos(log))
+            first = next(w for w in writes if len(w))
+            report.batch_id = _commit(store, label, first, log, inputs)
+        except BaseException:
+            for op in reversed(undo_ops):
+                op()
+            store.invalidate()
+            raise
+    return report
+
+
+def _combine(tables: list[pd.DataFrame], kinds: list[str]) -> pd.DataFrame:
+    """Stack change sets of different kinds: a ``kind`` column, the union of columns."""
+    columns = {"kind": STRING}
+    for k in dict.fromkeys(kinds):
+        columns.update(PHENOTYPE_CHANGE_COLUMNS if k == "phenotype" else GENOTYPE_CHANGE_COLUMNS)
+    if "confirmed" in columns and "phenotype" in kinds:
+        columns["confirmed"] = "boolean"  # missing on phenotype rows
+    pieces = [t.assign(kind=k) for t, k in zip(tables, kinds, strict=True) if len(t)]
+    if not pieces:
+        return empty_frame(columns)
+    out = pd.concat(pieces, ignore_index=True).reindex(columns=list(columns))
+    return out.astype(columns)
 
 def _commit(store: Store, kind: str, writes: pd.DataFrame, log: list[list[Any]], inputs: dict[str, Any] | None) -> str:
     batch_id = changelog.new_batch_id()
