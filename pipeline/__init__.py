@@ -44,6 +44,7 @@ from pipeline.detectors import (
 )
 from pipeline.merge import MergeReport, merge_into_store, undo
 from pipeline.changelog import read_changelog
+from pipeline.spreadsheet import SpreadsheetError, import_spreadsheet
 # 6 export
 from pipeline.export import ExportError, ExportResult, export_store, read_table, write_csv, write_feather, write_hdf5, write_parquet, write_table
 from pipeline import testing
@@ -86,6 +87,9 @@ __all__ = [
     "merge_into_store",
     "undo",
     "read_changelog",
+    # 5 import (a scoring sheet, merged as one batch)
+    "import_spreadsheet",
+    "SpreadsheetError",
     # 6 export
     "write_parquet",
     "write_feather",

@@ -22,7 +22,7 @@ EXIT_PARTIAL = 1
 EXIT_UNUSABLE = 2
 
 #: Subcommand modules, in the order ``--help`` lists them.
-COMMANDS: tuple[str, ...] = ("demo", "validate", "info", "assign", "undo", "detect", "detectors", "shard", "export")
+COMMANDS: tuple[str, ...] = ("demo", "validate", "info", "assign", "import_", "undo", "detect", "detectors", "shard", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
