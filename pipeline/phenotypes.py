@@ -564,8 +564,22 @@ def _sequential(
     out_val: list[Any] = []
     out_status: list[str] = []
     out_reason: list[Any] = []
-    by_row = pd.Series(p_pos).groupby(p_row)
+    # Positions per row as a dict: Series.groupby(...).get_group fails on a
+    # single (row, pos) pair under pandas 3 (KeyError), so no groupby here.
+    order = np.argsort(p_row, kind="stable")
+    keys, starts = np.unique(p_row[order], return_index=True)
+    by_row = dict(zip(keys.tolist(), np.split(p_pos[order], starts[1:]), strict=True))
     emb_of_row = pd.Series(emb_code[p_pos]).groupby(p_row).first()
+
+    def superseded(idx: np.ndarray, snips: np.ndarray, value: np.ndarray, writer: np.ndarray, reason: str) -> None:
+        # An earlier write of the batch that a later row replaces: skipped, overridden.
+        for i in idx[writer[idx] >= 0]:
+            out_row.append(int(writer[i]))
+            out_pos.append(int(snips[i]))
+            out_val.append(value[i])
+            out_status.append("skipped")
+            out_reason.append(reason)
+
     for emb in np.unique(emb_of_row.to_numpy()):
         snips = np.flatnonzero(emb_code == emb)
         snips = snips[np.argsort(frame[snips], kind="stable")]
@@ -574,12 +588,19 @@ def _sequential(
         explicit = np.zeros(len(snips), dtype=bool)
         local = {p: i for i, p in enumerate(snips.tolist())}
         for r in emb_of_row.index[emb_of_row.to_numpy() == emb]:
-            sel = np.array([local[p] for p in by_row.get_group(r).tolist()])
+            sel = np.array([local[p] for p in by_row[r].tolist()])
             new = rows.at[r, "phenotype"]
             if new == _DEAD:
                 start = sel.min()
                 fill = np.arange(start, len(snips))
+                for i in sel[value[sel] == _DEAD]:
+                    out_row.append(r)
+                    out_pos.append(int(snips[i]))
+                    out_val.append(new)
+                    out_status.append("unchanged")
+                    out_reason.append(None if writer[i] < 0 else "already filled by an earlier DEAD row of this batch")
                 changed = fill[value[fill] != _DEAD]
+                superseded(changed, snips, value, writer, "overridden: a later DEAD row fills this frame")
                 value[fill] = _DEAD
                 writer[changed] = r
                 explicit[changed] = np.isin(changed, sel)
@@ -610,6 +631,7 @@ def _sequential(
                 out_status.append("failed")
                 out_reason.append("breaks_permanence: the row would leave DEAD followed by a live frame; include every later DEAD frame in the range")
                 continue
+            superseded(sel, snips, value, writer, f"overridden: a later row ({r}) wins on this snip")
             value = trial
             writer[sel] = r
             explicit[sel] = True
