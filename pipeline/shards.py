@@ -153,7 +153,22 @@ class ShardedStore(Store):
             data = path.read_bytes()
             doc = _parse_json(data, str(path))
             problems: list[tuple[str, str]] = []
-            check(doc, store_schema()["$defs"]["shard"], (), problems)
+            # The shape with the schema checker; the embryos with the columnar
+            # checks the single-file reader and the workers use (the schema
+            # checker runs only on embryos they find malformed). The schema
+            # checker over every snip took ~6x longer and made loading shards
+            # most of a merge's time (benchmarks/RESULTS.md, issue 9).
+            shape = (
+                {k: ({} if k == "embryos" and isinstance(v, dict) else v) for k, v in doc.items()}
+                if isinstance(doc, dict)
+                else doc
+            )
+            check(shape, store_schema()["$defs"]["shard"], (), problems)
+            if not problems:
+                with paused_gc():
+                    problems = list(
+                        build_tables({**_top(self), "embryos": doc["embryos"]}, self.vocabulary).problems
+                    )
             if problems:
                 raise StoreFormatError(
                     _format_problems(problems, str(path)),
