@@ -44,6 +44,8 @@ from pipeline.detectors import (
 )
 from pipeline.merge import MergeReport, merge_into_store, undo
 from pipeline.changelog import read_changelog
+# where work runs
+from pipeline.cluster import ClusterError, compute, get_client
 from pipeline.spreadsheet import SpreadsheetError, import_spreadsheet
 # 6 export
 from pipeline.export import ExportError, ExportResult, export_store, read_table, write_csv, write_feather, write_hdf5, write_parquet, write_table
@@ -100,6 +102,10 @@ __all__ = [
     "read_table",
     "ExportResult",
     "ExportError",
+    # where work runs
+    "get_client",
+    "compute",
+    "ClusterError",
     # helpers
     "testing",
     # Jupyter

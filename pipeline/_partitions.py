@@ -5,7 +5,9 @@ which always passes an explicit ``meta`` and checks each partition's result
 against it, so a schema slip surfaces as a :class:`MetaMismatchError` naming the
 stage instead of a confusing failure later. :func:`from_pieces` turns pandas
 pieces into a Dask DataFrame with known divisions and a cheap token (the pieces
-are never hashed value by value).
+are never hashed value by value). With a ``distributed`` client active, the
+pieces are scattered to the workers first and the graph holds only their
+futures, so it stays small however large the table (no "Sending large graph").
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ def _unwrap(piece: _Piece) -> pd.DataFrame:
     return piece.frame
 
 
+def _identity(part: pd.DataFrame) -> pd.DataFrame:
+    return part
+
+
 def from_pieces(
     pieces: Sequence[pd.DataFrame],
     meta: pd.DataFrame,
@@ -63,7 +69,29 @@ def from_pieces(
     -------
     dask.dataframe.DataFrame
         Lazy frame over the pieces.
+
+    Notes
+    -----
+    With an active ``distributed`` client (:func:`pipeline.cluster.get_client`)
+    the pieces are scattered to its workers now, and the collection must be
+    computed on that client. A worker that dies takes its pieces with it: a
+    computation that needs them then fails with
+    :class:`pipeline.cluster.ClusterError` (nothing is written), rather than
+    the table being copied into every task.
     """
+    from pipeline.cluster import get_client, scatter_pieces
+
+    client = get_client()
+    if client is not None and len(pieces):
+        futures = scatter_pieces(client, pieces, label)
+        return dd.from_map(
+            _identity,
+            futures,
+            meta=meta,
+            divisions=tuple(divisions),
+            label=label,
+            enforce_metadata=False,
+        )
     token = uuid.uuid4().hex
     wrapped = [_Piece(p, f"{token}-{i}") for i, p in enumerate(pieces)]
     return dd.from_map(
@@ -96,7 +124,11 @@ def check_meta(part: pd.DataFrame, meta: pd.DataFrame, stage: str) -> pd.DataFra
     got = part.dtypes.to_dict()
     want = meta.dtypes.to_dict()
     if list(got) != list(want) or any(str(got[c]) != str(want[c]) for c in want):
-        diff = {c: (str(got.get(c)), str(want.get(c))) for c in set(got) | set(want) if str(got.get(c)) != str(want.get(c))}
+        diff = {
+            c: (str(got.get(c)), str(want.get(c)))
+            for c in set(got) | set(want)
+            if str(got.get(c)) != str(want.get(c))
+        }
         msg = f"stage {stage!r} produced columns/dtypes that differ from its meta: {diff} (got, expected)"
         raise MetaMismatchError(msg)
     return part

@@ -155,6 +155,11 @@ class _Progress(Callback):
 def _compute(changes: pd.DataFrame | dd.DataFrame, progress: Callable[[int, int], None] | None) -> pd.DataFrame:
     if isinstance(changes, pd.DataFrame):
         return changes
+    from pipeline.cluster import compute, get_client
+
+    if get_client() is not None:
+        # distributed: progress per finished partition, in a "merge" span
+        return compute(changes, progress=progress, stage="merge")
     if progress is None:
         return changes.compute()
     with _Progress(progress):
