@@ -612,7 +612,7 @@ def _sequential(
                     out_pos.append(-1)
                     out_val.append(None)
                     out_status.append("failed")
-                    out_reason.append(f"existing_value: snip(s) already hold another phenotype and on_existing='error'")
+                    out_reason.append("existing_value: snip(s) already hold another phenotype and on_existing='error'")
                     continue
                 for i in sel[held]:
                     out_row.append(r)

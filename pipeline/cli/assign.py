@@ -60,7 +60,7 @@ def _finish(args: argparse.Namespace, report: object) -> int:
     return report.exit_code
 
 
-def _load(args: argparse.Namespace):  # noqa: ANN202 - returns (Store, DataFrame)
+def _load(args: argparse.Namespace):
     from pipeline.phenotypes import read_assignments
     from pipeline.store import read_store
 
