@@ -33,6 +33,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -633,6 +634,11 @@ class _ProgressWatcher:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # Let a bar whose work is done draw its last (100%) frame before
+        # stopping it: it redraws every 200 ms.
+        deadline = time.monotonic() + 1.0
+        while self.bar is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.stop.set()
         if self.bar is not None:
             self.bar.abort()
