@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from pipeline.cli._common import UsageError, say
+from pipeline.cli._common import UsageError, add_runtime_options, runtime, say
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -51,13 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="COL,COL...",
         help="columns to write (comma-separated, repeatable; default all)",
     )
-    p.add_argument(
-        "--npartitions",
-        type=int,
-        default=None,
-        help="Dask partitions of the snip table (default: one per ~100,000 snips)",
-    )
-    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    add_runtime_options(p)
     p.set_defaults(run=run)
 
 
@@ -87,15 +81,15 @@ def run(args: argparse.Namespace) -> int:
             msg = f"--partition-on applies to --format parquet only, not {args.format}"
             raise UsageError(msg)
     start = time.perf_counter()
-    result = export_store(
-        args.store,
-        args.out,
-        format=args.format,
-        what=args.what,
-        partition_on=partition_on,
-        columns=_split(args.columns),
-        npartitions=args.npartitions,
-        scheduler="threads",
-    )
+    with runtime(args):
+        result = export_store(
+            args.store,
+            args.out,
+            format=args.format,
+            what=args.what,
+            partition_on=partition_on,
+            columns=_split(args.columns),
+            npartitions=args.npartitions,
+        )
     say(f"{result.summary()} in {time.perf_counter() - start:.1f} s", quiet=args.quiet)
     return 0
