@@ -44,6 +44,8 @@ from pipeline.detectors import (
 )
 from pipeline.merge import MergeReport, merge_into_store, undo
 from pipeline.changelog import read_changelog
+from pipeline.shards import ShardedStore, shard_store, unshard_store
+from pipeline.batch import map_snips, to_changes
 # where work runs
 from pipeline.cluster import ClusterError, compute, get_client
 from pipeline.spreadsheet import SpreadsheetError, import_spreadsheet
@@ -102,6 +104,13 @@ __all__ = [
     "read_table",
     "ExportResult",
     "ExportError",
+    # sharded stores
+    "ShardedStore",
+    "shard_store",
+    "unshard_store",
+    # generic batch operations
+    "map_snips",
+    "to_changes",
     # where work runs
     "get_client",
     "compute",

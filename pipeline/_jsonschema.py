@@ -9,6 +9,7 @@ its path. It never raises on bad input: it collects ``(path, message)`` pairs.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from importlib import resources
 from typing import Any
@@ -144,7 +145,7 @@ def check(
         if "pattern" in schema and not _pattern(schema["pattern"]).search(value):
             out.append((where, f"{value!r} does not have the expected form ({_describe(schema, root)})"))
     if isinstance(value, int | float) and not isinstance(value, bool):
-        if ("minimum" in schema or "maximum" in schema) and value != value:
+        if ("minimum" in schema or "maximum" in schema) and math.isnan(value):
             # NaN passes both comparisons, and JSON would turn it into null.
             out.append((where, "expected a number, found NaN"))
         if "minimum" in schema and value < schema["minimum"]:

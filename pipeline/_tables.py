@@ -16,6 +16,7 @@ wrong, and is left out of the table.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import itemgetter
@@ -455,7 +456,7 @@ def _assemble(
     # _MISSING object, so the (cheap) counts differ only when there is one.
     nan_conf = np.zeros(n, dtype=bool)
     if np.isnan(conf).sum() != confs.count(_MISSING):
-        nan_conf = np.fromiter((c is not _MISSING and c != c for c in confs), dtype=bool, count=n)
+        nan_conf = np.fromiter((c is not _MISSING and isinstance(c, float) and math.isnan(c) for c in confs), dtype=bool, count=n)
     n_flags = np.fromiter(map(len, flag_lists), dtype=np.int64, count=n)
     flag_text = np.full(n, "", dtype=object)
     for i in np.flatnonzero(n_flags).tolist():
