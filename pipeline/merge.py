@@ -261,7 +261,11 @@ def merge_into_store(
                 store.invalidate()
                 return report
             store.invalidate()
-            store.check_embryos(_touched_embryos(log))
+            if kind != "flag":
+                # Flag entries were checked one by one as they were built
+                # (vocabulary, severity, author, confidence): re-checking every
+                # touched embryo would cost a table rebuild for nothing.
+                store.check_embryos(_touched_embryos(log))
             report.batch_id = _commit(store, kind, writes, log, inputs)
         except BaseException:
             for op in reversed(undo_ops):
@@ -527,6 +531,7 @@ def _apply_flags(store: Store, writes: pd.DataFrame, replace: list[str], log: li
     vocab = store.vocabulary
     severities = set(vocab["severity_levels"])
     by_entity: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    stamp = now()
     for r in writes.itertuples(index=False):
         # One entry per hit: flags are sparse next to snips.
         if r.flag not in vocab["flags"].get(r.level, []):
@@ -535,10 +540,16 @@ def _apply_flags(store: Store, writes: pd.DataFrame, replace: list[str], log: li
         if r.severity not in severities:
             msg = f"detector {r.detector} used severity {r.severity!r}; expected one of {', '.join(sorted(severities))}"
             raise MergeConflictError(msg)
-        entry: dict[str, Any] = {"value": r.flag, "author": r.author, "timestamp": now(), "severity": r.severity, "auto_generated": True}
+        if not isinstance(r.author, str) or not r.author.strip():
+            msg = f"detector {r.detector} gave no author for {r.entity_id}; flags need an author such as 'auto:{r.detector}'"
+            raise MergeConflictError(msg)
+        entry: dict[str, Any] = {"value": r.flag, "author": r.author, "timestamp": stamp, "severity": r.severity, "auto_generated": True}
         if pd.notna(r.notes):
             entry["notes"] = r.notes
         if pd.notna(r.confidence):
+            if not 0 <= r.confidence <= 1:
+                msg = f"detector {r.detector} gave confidence {r.confidence} for {r.entity_id}; confidence must be within [0, 1]"
+                raise MergeConflictError(msg)
             entry["confidence"] = float(r.confidence)
         by_entity.setdefault((r.level, r.entity_id), []).append(entry)
     targets: dict[tuple[str, str], None] = dict.fromkeys(by_entity)
@@ -550,6 +561,9 @@ def _apply_flags(store: Store, writes: pd.DataFrame, replace: list[str], log: li
         before = owner[key] if existed else None
         flags = [f for f in (before or []) if not (replace and f.get("author") in replace)]
         for entry in by_entity.get((level, entity), []):
+            # A flag raised again exactly as before keeps its entry (and its
+            # timestamp): re-running a detector that finds the same is a no-op.
+            entry = next((f for f in before or [] if _same_flag(f, entry)), entry)
             same = next((i for i, f in enumerate(flags) if f["value"] == entry["value"]), None)
             if same is None:
                 flags.append(entry)
@@ -570,6 +584,10 @@ def _apply_flags(store: Store, writes: pd.DataFrame, replace: list[str], log: li
                 owner.pop(key, None)
 
         undo_ops.append(restore)
+
+
+def _same_flag(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    return {k: v for k, v in old.items() if k != "timestamp"} == {k: v for k, v in new.items() if k != "timestamp"}
 
 
 def _entities_with_flags_by(store: Store, authors: set[str]) -> list[tuple[str, str]]:
