@@ -5,8 +5,7 @@
 per entity: ``entity_id``, ``level``, ``status`` (``successful``, ``skipped``,
 ``failed``), ``value`` and ``error``. One failing item never stops the batch.
 :func:`to_changes` turns such a result into a change set that
-:func:`pipeline.merge_into_store` accepts (phenotypes, flags or a measurement
-column), so user computations land in the store with provenance.
+:func:`pipeline.merge_into_store` accepts (phenotypes or flags), so user computations land in the store with provenance.
 
 Order and locality: the snip table's partitions are already ordered by
 experiment, video, embryo and frame (they are sorted by ``snip_id``, which
@@ -39,24 +38,10 @@ import pandas as pd
 from pipeline._partitions import map_parts
 from pipeline.schema import FLAG_CHANGE_COLUMNS, LEVELS, STRING, empty_frame
 
-__all__ = ["map_snips", "map_snips_partition", "to_changes", "BATCH_STATUSES", "MEASUREMENT_CHANGE_COLUMNS"]
+__all__ = ["map_snips", "map_snips_partition", "to_changes", "BATCH_STATUSES"]
 
 BATCH_STATUSES = ("successful", "skipped", "failed")
 _GROUP_COLUMN = {"snip": None, "image": "image_id", "embryo": "embryo_id", "video": "video_id", "experiment": "experiment_id"}
-
-#: The measurement change set: one row per snip whose measurement changes.
-MEASUREMENT_CHANGE_COLUMNS: dict[str, Any] = {
-    "snip_id": STRING,
-    "embryo_id": STRING,
-    "measurement": STRING,
-    "old_value": np.dtype("float64"),
-    "new_value": np.dtype("float64"),
-    "status": STRING,
-    "reason": STRING,
-    "author": STRING,
-    "timestamp": STRING,
-}
-
 
 def _result_meta(value_dtype: Any) -> pd.DataFrame:
     return empty_frame({"entity_id": STRING, "level": STRING, "status": STRING, "value": value_dtype, "error": STRING})
@@ -215,7 +200,6 @@ def to_changes(
     snips: dd.DataFrame | None = None,
     flag: str | None = None,
     severity: str = "warning",
-    measurement: str | None = None,
     vocabulary: dict[str, Any] | None = None,
 ) -> pd.DataFrame | dd.DataFrame:
     """Turn a :func:`map_snips` result into a change set for :func:`pipeline.merge_into_store`.
@@ -224,22 +208,19 @@ def to_changes(
     ----------
     result : pandas.DataFrame or dask.dataframe.DataFrame
         From :func:`map_snips`; only ``successful`` rows become changes.
-    kind : {"phenotype", "flag", "measurement"}
-        What to write: the value as a snip's phenotype (snip level), a flag
+    kind : {"phenotype", "flag"}
+        What to write: the value as a snip's phenotype (snip level), or a flag
         raised on each successful entity (any level; the value becomes the
-        flag's notes unless it is a bool), or a measurement column (snip level,
-        numeric values).
+        flag's notes unless it is a bool).
     author : str
         Who makes the changes (e.g. ``"auto:my_check"``).
     snips : dask.dataframe.DataFrame, optional
         The snip table the result came from: needed for ``phenotype`` (the DEAD
-        rules need each embryo's snips) and ``measurement`` (old values).
+        rules need each embryo's snips).
     flag : str, optional
         For ``kind="flag"``: the flag value to raise.
     severity : str, default "warning"
         For ``kind="flag"``.
-    measurement : str, optional
-        For ``kind="measurement"``: the measurement key (a new or existing column).
     vocabulary : dict, optional
         For ``kind="phenotype"``: the store's vocabulary.
 
@@ -268,12 +249,7 @@ def to_changes(
         rows = pd.DataFrame({"embryo_id": embryo.to_numpy(dtype=object), "phenotype": done["value"].astype(str).to_numpy(dtype=object),
                              "frames": [[s] for s in done["entity_id"].to_numpy(dtype=object)]})
         return assign_phenotypes(snips, rows, author=author, vocabulary=vocabulary)
-    if kind == "measurement":
-        if not measurement:
-            msg = "to_changes(kind='measurement') needs measurement=<key>, e.g. measurement='curvature'"
-            raise ValueError(msg)
-        return _apply(result, _measurement_changes, empty_frame(MEASUREMENT_CHANGE_COLUMNS), measurement=measurement, author=author)
-    msg = f"kind must be 'phenotype', 'flag' or 'measurement', got {kind!r}"
+    msg = f"kind must be 'phenotype' or 'flag', got {kind!r} (measurement columns cannot be merged yet)"
     raise ValueError(msg)
 
 
@@ -302,26 +278,3 @@ def _flag_changes(part: pd.DataFrame, *, flag: str, severity: str, author: str) 
             "reason": [None] * n,
         }
     ).astype(FLAG_CHANGE_COLUMNS)
-
-
-def _measurement_changes(part: pd.DataFrame, *, measurement: str, author: str) -> pd.DataFrame:
-    from pipeline.store import now
-
-    ok = part.loc[(part["status"] == "successful") & (part["level"] == "snip")]
-    n = len(ok)
-    new = pd.to_numeric(ok["value"], errors="coerce").to_numpy(dtype=np.float64)
-    bad = np.isnan(new) & ok["value"].notna().to_numpy()
-    embryo = ok["entity_id"].str.replace(r"_[st]?\d{3,4}$", "", regex=True)
-    return pd.DataFrame(
-        {
-            "snip_id": ok["entity_id"].to_numpy(),
-            "embryo_id": embryo.to_numpy(),
-            "measurement": [measurement] * n,
-            "old_value": np.full(n, np.nan),
-            "new_value": new,
-            "status": np.where(bad, "failed", "assigned"),
-            "reason": np.where(bad, "not a number", None),
-            "author": [author] * n,
-            "timestamp": [now()] * n,
-        }
-    ).astype(MEASUREMENT_CHANGE_COLUMNS)
