@@ -71,6 +71,19 @@ def run(args: argparse.Namespace) -> int:
     say("    " + report.summary().replace("\n", "\n    "), quiet=args.quiet)
     store = pipeline.read_store(path)
     snips = pipeline.snips_from_store(store)
+
+    t = time.perf_counter()
+    detectors = [cls() for cls in pipeline.detectors.BUILTINS.values()]
+    flags = pipeline.run_detectors(snips, detectors, store=store)
+    report = pipeline.merge_into_store(store, flags, inputs={"command": "demo detect"})
+    steps.done(f"run {len(detectors)} detectors and merge their flags", t)
+    say("    " + report.summary().replace("\n", "\n    "), quiet=args.quiet)
+    store = pipeline.read_store(path)
+    snips = pipeline.snips_from_store(store)
+    t = time.perf_counter()
+    exported = pipeline.write_parquet(snips, out / "snips.parquet", store=store)
+    steps.done("export partitioned Parquet", t)
+    say(f"    {exported.summary()}", quiet=args.quiet)
     table = snips.compute(scheduler="threads")
 
     c = store.counts()
