@@ -227,7 +227,12 @@ def to_changes(
     Returns
     -------
     pandas.DataFrame or dask.dataframe.DataFrame
-        A phenotype, flag or measurement change set.
+        A phenotype or flag change set.
+
+    Notes
+    -----
+    ``kind="phenotype"`` computes *result* once: its rows become assignment
+    rows, which are routed to partitions on the client. ``kind="flag"`` stays lazy.
     """
     if not isinstance(author, str) or not author.strip():
         msg = f"author must be a non-empty name, got {author!r}"

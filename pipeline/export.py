@@ -663,6 +663,24 @@ def _single_file_info(
     )
 
 
+def _single_file_start(
+    snips: dd.DataFrame | pd.DataFrame,
+    path: str | os.PathLike[str],
+    fmt: str,
+    columns: Sequence[str] | None,
+    store: Store | None,
+    scheduler: str | None,
+    provenance: dict[str, Any] | None,
+) -> tuple[Path, pd.DataFrame, dict[str, Any]]:
+    """What every single-file writer does first: check, compute, describe."""
+    out = Path(path)
+    _check_target(out, _source(store), folder=False)
+    frame = _single_file_frame(snips, columns, scheduler)
+    info = _single_file_info(frame, store, fmt, provenance)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out, frame, info
+
+
 def write_feather(
     snips: dd.DataFrame | pd.DataFrame,
     path: str | os.PathLike[str],
@@ -699,17 +717,15 @@ def write_feather(
     Triggers computation and holds the whole table in memory.
     ``pandas.read_feather(path)`` returns the same columns, dtypes and index.
     """
-    out = Path(path)
-    _check_target(out, _source(store), folder=False)
-    frame = _single_file_frame(snips, columns, scheduler)
-    info = _single_file_info(frame, store, "feather", provenance)
+    out, frame, info = _single_file_start(
+        snips, path, "feather", columns, store, scheduler, provenance
+    )
     arrow = pa.Table.from_pandas(
         frame, preserve_index=not isinstance(frame.index, pd.RangeIndex)
     )
     metadata = dict(arrow.schema.metadata or {})
     metadata[PROVENANCE_KEY] = _provenance_bytes(info)
     arrow = arrow.replace_schema_metadata(metadata)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with _temporary_file(out) as tmp:
         feather.write_feather(arrow, tmp)
     return ExportResult(out, "feather", len(frame), 1, info["columns"], [], info)
@@ -754,10 +770,9 @@ def write_hdf5(
     and the original dtypes are kept in the node attribute ``dtypes``;
     :func:`read_table` restores them.
     """
-    out = Path(path)
-    _check_target(out, _source(store), folder=False)
-    frame = _single_file_frame(snips, columns, scheduler)
-    info = _single_file_info(frame, store, "hdf5", provenance)
+    out, frame, info = _single_file_start(
+        snips, path, "hdf5", columns, store, scheduler, provenance
+    )
     dtypes = {str(c): str(t) for c, t in frame.dtypes.items()}
     stored = frame.copy(deep=False)
     for col, dtype in frame.dtypes.items():
@@ -765,7 +780,6 @@ def write_hdf5(
             dtype, pd.api.extensions.ExtensionDtype
         ) and pd.api.types.is_integer_dtype(dtype):
             stored[col] = frame[col].astype("float64")
-    out.parent.mkdir(parents=True, exist_ok=True)
     with _temporary_file(out) as tmp, pd.HDFStore(tmp, mode="w") as h5:
         h5.put(_HDF_KEY, stored, format="table", track_times=False)
         attrs = h5.get_storer(_HDF_KEY).attrs
@@ -811,11 +825,9 @@ def write_csv(
     dtypes: missing values are empty fields and booleans ``True``/``False``.
     :func:`read_table` reads a snips or flags export back with its dtypes.
     """
-    out = Path(path)
-    _check_target(out, _source(store), folder=False)
-    frame = _single_file_frame(snips, columns, scheduler)
-    info = _single_file_info(frame, store, "csv", provenance)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out, frame, info = _single_file_start(
+        snips, path, "csv", columns, store, scheduler, provenance
+    )
     with _temporary_file(out) as tmp:
         frame.to_csv(tmp, index=not isinstance(frame.index, pd.RangeIndex))
     return ExportResult(out, "csv", len(frame), 1, info["columns"], [], info)
