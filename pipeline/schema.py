@@ -207,5 +207,22 @@ FLAG_CHANGE_COLUMNS: dict[str, Any] = {
     "reason": STRING,
 }
 
+#: The measurement change set of :func:`pipeline.to_changes` with
+#: ``kind="measurement"``: one row per (snip, measurement key). ``old_value``
+#: is NaN where the snip had no value (key absent or null); ``new_value`` NaN
+#: writes null. Measurements carry no author in the store (a flat object of
+#: numbers, see the store schema): author and timestamp go to the change log.
+MEASUREMENT_CHANGE_COLUMNS: dict[str, Any] = {
+    "snip_id": STRING,
+    "embryo_id": STRING,
+    "column": STRING,
+    "old_value": np.dtype("float64"),
+    "new_value": np.dtype("float64"),
+    "status": STRING,
+    "reason": STRING,
+    "author": STRING,
+    "timestamp": STRING,
+}
+
 #: Statuses a change-set row can have.
 STATUSES: tuple[str, ...] = ("assigned", "backfilled", "unchanged", "skipped", "failed", "raised", "cleared")
