@@ -189,8 +189,8 @@ def prepare_phenotype_rows(assignments: Any, vocabulary: Mapping[str, Any] | Non
     embryo = [_text(v) for v in table["embryo_id"]]
     raw_pheno = [_text(v) for v in table["phenotype"]]
     pheno = [by_upper.get(p.upper()) if p else None for p in raw_pheno]
-    frames = table["frames"] if "frames" in table.columns else pd.Series(["all"] * n, dtype=object)
-    conf_raw = table["confidence"] if "confidence" in table.columns else pd.Series([None] * n, dtype=object)
+    frames = table["frames"].to_numpy(dtype=object) if "frames" in table.columns else np.full(n, "all", dtype=object)
+    conf_raw = table["confidence"].to_numpy(dtype=object) if "confidence" in table.columns else np.full(n, None, dtype=object)
     notes = [_text(v) for v in table["notes"]] if "notes" in table.columns else [None] * n
     specs: list[FrameRange | None] = []
     errors: list[str | None] = []
@@ -198,12 +198,12 @@ def prepare_phenotype_rows(assignments: Any, vocabulary: Mapping[str, Any] | Non
     for i in range(n):
         # One pass over the assignment rows (not over snips): each row's cells
         # are checked once, every failure is collected, nothing stops early.
-        conf, conf_error = _confidence(conf_raw.iat[i])
+        conf, conf_error = _confidence(conf_raw[i])
         confs.append(conf)
         spec = None
         spec_error = None
         try:
-            spec = parse_range(_spec_input(frames.iat[i]))
+            spec = parse_range(_spec_input(frames[i]))
         except RangeSyntaxError as err:
             spec_error = f"bad_range: {err}"
         if embryo[i] is None:
@@ -505,11 +505,12 @@ def _vectorised(
     order = np.lexsort((c_row, c_pos))
     c_row, c_pos, c_value = c_row[order], c_pos[order], c_value[order]
     last = np.r_[c_pos[1:] != c_pos[:-1], True] if len(c_pos) else np.zeros(0, dtype=bool)
-    winner_of = pd.Series(c_row[last], index=c_pos[last])
     emit(c_row[last], c_pos[last], c_value[last], "assigned", None)
     lost = ~last
     if lost.any():
-        reason = np.array([f"overridden: a later row ({winner_of[p]}) wins on this snip" for p in c_pos[lost]], dtype=object)
+        # c_pos is sorted, so each snip's winner is the last entry of its run.
+        winner = c_row[last][np.searchsorted(c_pos[last], c_pos[lost])]
+        reason = np.array([f"overridden: a later row ({w}) wins on this snip" for w in winner.tolist()], dtype=object)
         emit(c_row[lost], c_pos[lost], c_value[lost], "skipped", reason)
 
     # DEAD: every snip at or after the final death frame is DEAD; credit the
@@ -796,7 +797,7 @@ def assign_genotypes(
     for i in range(n):
         eid = embryo[i]
         status, reason, new = "assigned", None, None
-        conf, conf_error = _confidence(conf_raw.iat[i])
+        conf, conf_error = _confidence(conf_raw[i])
         confirmed, confirmed_error = _boolean(confirmed_raw.iat[i])
         z = zygs.get(zyg[i].upper()) if zyg[i] else None
         if eid is None:
