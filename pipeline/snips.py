@@ -103,6 +103,14 @@ def snips_from_store(store: Store, npartitions: int | None = None, *, measuremen
         :data:`pipeline.schema.SNIP_COLUMNS` plus one float column per
         measurement key.
 
+    Notes
+    -----
+    Rows are ordered by snip id, which sorts by experiment, video, embryo and
+    then frame, and partitions are cut only between videos. Per-embryo and
+    per-video work therefore reads contiguous rows of one partition: the
+    locality the earlier tool got by reordering its batches by hand comes
+    with the table, and no operation here needs (or offers) a reorder step.
+
     Examples
     --------
     >>> from pipeline.testing import make_store
