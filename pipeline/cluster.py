@@ -144,29 +144,90 @@ def get_client(client: Any = None) -> Any:
     )
 
 
-class _LocalProgress:
-    """``progress(done, total)`` per finished task on Dask's local schedulers."""
+class _Plan:
+    """A collection, optimised once, with the keys its progress counts.
 
-    def __init__(self, progress: Callable[[int, int], None]) -> None:
+    Progress counts **partitions**: the tasks that produce the collection's
+    output partitions (a DataFrame's ``npartitions``). A collection with a
+    single output that is not a DataFrame (a ``Scalar`` such as
+    ``to_parquet(..., compute=False)``, a ``Delayed``) counts the tasks its
+    final step gathers instead: one per file written. The keys are read from
+    the optimised graph, which is the graph that runs, so the count is the
+    same on every scheduler and known before anything runs.
+    """
+
+    def __init__(self, collection: Any) -> None:
+        from dask.core import flatten, get_dependencies
+
+        optimize = getattr(collection, "optimize", None)
+        # Dask DataFrames optimise (and lower) their expression themselves;
+        # other collections go through dask.optimize.
+        self.collection = (
+            optimize() if callable(optimize) else dask.optimize(collection)[0]
+        )
+        self.graph = self.collection.__dask_graph__()
+        self.keys = self.collection.__dask_keys__()
+        outputs = list(flatten(self.keys))
+        counted = outputs
+        if len(outputs) == 1 and not _is_frame(self.collection):
+            gathered = [
+                k
+                for k in get_dependencies(self.graph, outputs[0], as_list=True)
+                if k in self.graph
+            ]
+            counted = gathered or outputs
+        self.counted: list[Any] = list(dict.fromkeys(counted))
+
+    @property
+    def total(self) -> int:
+        """How many partitions progress counts."""
+        return len(self.counted)
+
+    def finalize(self, results: Any) -> Any:
+        """Build the collection's result from its computed output keys."""
+        finalize, extra = self.collection.__dask_postcompute__()
+        return finalize(results, *extra)
+
+
+def _is_frame(collection: Any) -> bool:
+    frames = sys.modules.get("dask.dataframe")
+    return frames is not None and isinstance(
+        collection, (frames.DataFrame, frames.Series, frames.Index)
+    )
+
+
+class _LocalProgress:
+    """``progress(done, total)`` per finished partition on Dask's local schedulers.
+
+    A Dask callback that counts only the tasks of :attr:`_Plan.counted`:
+    intermediate tasks (reading, fused steps, the final concatenation) do not
+    move it. Local schedulers call ``posttask`` from the thread that drives
+    the computation, so calls are sequential and ``done`` never decreases.
+    """
+
+    def __init__(self, progress: Callable[[int, int], None], plan: _Plan) -> None:
         from dask.callbacks import Callback
 
         self.progress = progress
+        self.pending = set(plan.counted)
+        self.total = plan.total
         self.done = 0
-        self.total = 0
         self.callback = Callback(start_state=self._start_state, posttask=self._posttask)
 
     def _start_state(self, dsk: Any, state: dict[str, Any]) -> None:
-        self.total = sum(
-            len(state[k])
-            for k in ("ready", "waiting", "running", "finished")
-            if k in state
-        )
+        # Keys that hold data rather than a task are done before anything runs.
+        cached = [k for k in self.pending if k in state.get("cache", {})]
+        self.pending.difference_update(cached)
+        self.done = len(cached)
+        self.progress(self.done, self.total)
 
     def _posttask(
         self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any
     ) -> None:
-        self.done += 1
-        self.progress(self.done, max(self.total, self.done))
+        if key in self.pending:
+            self.pending.discard(key)
+            self.done += 1
+            self.progress(self.done, self.total)
 
 
 def compute(
@@ -178,6 +239,10 @@ def compute(
 ) -> Any:
     """Compute a Dask collection where work runs, with optional progress.
 
+    This is the one place that reports progress: every long-running function
+    of the package (``merge_into_store``, ``run_detectors``, ``map_snips``,
+    the ``write_*`` exporters) passes its ``progress`` here.
+
     Parameters
     ----------
     collection : dask collection
@@ -186,9 +251,18 @@ def compute(
         Default the active client (:func:`get_client`); with none, Dask's
         configured local scheduler.
     progress : callable or bool, optional
-        ``progress(done, total)``: on a distributed client once per finished
-        partition, on a local scheduler once per finished task. ``True``
-        shows Dask's own bar (a widget in Jupyter).
+        ``progress(done, total)`` once as the computation starts
+        (``done == 0``, or the partitions that were already in memory) and
+        then once per finished partition, ending with ``done == total``.
+        ``total`` is the number of output partitions (a DataFrame's
+        ``npartitions``; for a single-output collection such as
+        ``to_parquet(..., compute=False)``, the tasks its final step gathers:
+        one per file written) and never changes during a computation; ``done``
+        never decreases. With a distributed client the calls come from
+        ``distributed.as_completed`` on per-partition futures; on a local
+        scheduler from a Dask callback that counts only those partitions'
+        tasks. Either way they run in the calling thread. ``True`` shows
+        Dask's own bar instead (a widget in Jupyter).
     stage : str, optional
         Name of the ``distributed.span`` the computation runs in (shown on the
         dashboard), e.g. ``"merge"``.
@@ -206,7 +280,9 @@ def compute(
 
     Notes
     -----
-    Triggers computation.
+    Triggers computation. The collection is optimised once, here, and the
+    optimised graph is what runs; a single-output collection reports its last
+    partition just before its final (gathering) step runs.
 
     Examples
     --------
@@ -214,9 +290,10 @@ def compute(
     >>> store = pipeline.testing.make_store(n_experiments=1, n_embryos=2, n_frames=3, seed=0)
     >>> seen = []
     >>> with dask.config.set(scheduler="sync"):
-    ...     table = compute(pipeline.snips_from_store(store), progress=lambda d, t: seen.append((d, t)))
-    >>> len(table) == store.counts()["snips"], seen[-1][0] == seen[-1][1]
-    (True, True)
+    ...     snips = pipeline.snips_from_store(store, npartitions=2)
+    ...     table = compute(snips, progress=lambda d, t: seen.append((d, t)))
+    >>> len(table) == store.counts()["snips"], seen
+    (True, [(0, 2), (1, 2), (2, 2)])
     """
     if not dask.is_dask_collection(collection):
         return collection
@@ -241,48 +318,44 @@ def _compute_local(
 
         with ProgressBar(out=sys.stderr):
             return collection.compute()
-    if callable(progress):
-        with _LocalProgress(progress).callback:
-            return collection.compute()
-    return collection.compute()
+    if not callable(progress):
+        return collection.compute()
+    plan = _Plan(collection)
+    with _LocalProgress(progress, plan).callback:
+        # Already optimised: running it as is keeps the keys progress counts.
+        (result,) = dask.compute(plan.collection, optimize_graph=False)
+    return result
 
 
 def _compute_distributed(
     collection: Any, client: Any, progress: Any, stage: str | None
 ) -> Any:
-    from dask.core import flatten
-
-    # Partition by partition, so progress can count them; built outside the
-    # span because Dask warns about annotations while building collections.
-    parts = (
-        list(flatten(collection.to_delayed(optimize_graph=True)))
-        if hasattr(collection, "to_delayed")
-        else None
-    )
+    # Built outside the span: Dask warns about annotations while building
+    # collections.
+    plan = _Plan(collection)
     with _span(stage), _cluster_failures():
-        results = _run(client, collection, parts, progress)
-    if parts is None:
-        return results
-    finalize, extra = collection.__dask_postcompute__()
-    return finalize(results, *extra)
+        results = _run(client, plan, progress)
+    return plan.finalize(results)
 
 
-def _run(client: Any, collection: Any, parts: list[Any] | None, progress: Any) -> Any:
+def _run(client: Any, plan: _Plan, progress: Any) -> Any:
     from distributed import as_completed
 
-    if parts is None:
-        return client.compute(collection).result()
-    futures = client.compute(parts)
+    # One submission for the outputs and the counted partitions: a future per
+    # partition to follow, and every task runs once.
+    outputs, counted = client.get(
+        dict(plan.graph), [plan.keys, plan.counted], sync=False
+    )
     if callable(progress):
-        total = len(futures)
+        total = len(counted)
         progress(0, total)
-        for done, _ in enumerate(as_completed(futures), start=1):
+        for done, _ in enumerate(as_completed(counted), start=1):
             progress(done, total)
     elif progress is True:
         from distributed import progress as dask_progress
 
-        dask_progress(futures)
-    return client.gather(futures)
+        dask_progress(counted)
+    return client.gather(outputs)
 
 
 def scatter_pieces(client: Any, pieces: Sequence[Any], label: str) -> list[Any]:
