@@ -11,7 +11,10 @@ any later stage) or a pandas table, and produces:
 - **Feather** and **HDF5** (PyTables, ``format="table"``): one file each;
 - **CSV**: one file, for people and spreadsheets.
 
-Every writer computes (it is a ``write_*`` function) and never writes in place.
+Every writer computes (it is a ``write_*`` function) through
+:func:`pipeline.cluster.compute`, so it takes ``progress=callable(done,
+total)`` (called as partitions are computed: for Parquet, as partition files
+are written) and never writes in place.
 A Parquet export is written into a new sibling folder ``OUT.tmp-<random>``,
 then swapped in with two renames (``OUT`` to ``OUT.old-<random>``, the new
 folder to ``OUT``) and the old one is deleted; a single file is written beside
@@ -34,11 +37,12 @@ import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -463,12 +467,38 @@ def _as_dask(table: dd.DataFrame | pd.DataFrame) -> dd.DataFrame:
     raise TypeError(msg)
 
 
+@contextlib.contextmanager
+def _scheduler(scheduler: str | None) -> Iterator[None]:
+    """Compute on *scheduler* (a Dask scheduler name) if given, else where work runs."""
+    if scheduler is None:
+        yield
+        return
+    with dask.config.set(scheduler=scheduler):
+        yield
+
+
+def _compute(
+    collection: Any,
+    scheduler: str | None,
+    progress: Callable[[int, int], None] | None,
+) -> Any:
+    from pipeline.cluster import compute
+
+    # GC paused: a parsed store keeps millions of small objects alive, and
+    # full collections while computing would walk them over and over.
+    with paused_gc(), _scheduler(scheduler):
+        return compute(collection, progress=progress, stage="export")
+
+
 def _as_pandas(
-    table: dd.DataFrame | pd.DataFrame, scheduler: str | None
+    table: dd.DataFrame | pd.DataFrame,
+    scheduler: str | None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> pd.DataFrame:
     if isinstance(table, dd.DataFrame):
-        with paused_gc():
-            table = table.compute(scheduler=scheduler)
+        table = _compute(table, scheduler, progress)
+    elif progress is not None:
+        progress(1, 1)  # one partition, already in memory
     if not isinstance(table, pd.DataFrame):
         msg = f"expected a pandas or Dask DataFrame, got {type(table).__name__}"
         raise TypeError(msg)
@@ -488,6 +518,7 @@ def write_parquet(
     scheduler: str | None = None,
     max_partition_values: int = MAX_PARTITION_VALUES,
     provenance: dict[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ExportResult:
     """Write a table as a hive-partitioned Parquet folder, atomically.
 
@@ -515,6 +546,10 @@ def write_parquet(
         Most distinct values a partition column may have.
     provenance : dict, optional
         Extra JSON-serialisable provenance entries.
+    progress : callable, optional
+        ``progress(done, total)`` as partitions are written: ``total`` is the
+        table's number of Dask partitions (each writes its files in one task),
+        ``done`` ends equal to it (see :func:`pipeline.cluster.compute`).
 
     Returns
     -------
@@ -587,10 +622,8 @@ def write_parquet(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(out, "tmp")
     try:
-        # GC paused: a parsed store keeps millions of small objects alive, and
-        # full collections during the write would walk them over and over.
-        with paused_gc(), _dask_writer_warnings():
-            prepared.to_parquet(
+        with _dask_writer_warnings():
+            writes = prepared.to_parquet(
                 tmp,
                 engine="pyarrow",
                 partition_on=partition_on or None,
@@ -598,8 +631,9 @@ def write_parquet(
                 write_index=write_index,
                 write_metadata_file=False,
                 custom_metadata={PROVENANCE_KEY: _provenance_bytes(info)},
-                compute_kwargs={"scheduler": scheduler} if scheduler else None,
+                compute=False,
             )
+            _compute(writes, scheduler, progress)
         tmp.mkdir(exist_ok=True)  # an empty table writes no file at all
         rows, files, folders = _count(tmp, len(partition_on))
         if partition_on and folders > max_partition_values:
@@ -641,12 +675,13 @@ def _single_file_frame(
     table: dd.DataFrame | pd.DataFrame,
     columns: Sequence[str] | None,
     scheduler: str | None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> pd.DataFrame:
     meta = table._meta if isinstance(table, dd.DataFrame) else table
     cols = _select_columns(meta, columns, ())
     if isinstance(table, dd.DataFrame) and cols != list(meta.columns):
         table = table[cols]
-    frame = _as_pandas(table, scheduler)
+    frame = _as_pandas(table, scheduler, progress)
     return frame[cols] if cols != list(frame.columns) else frame
 
 
@@ -671,11 +706,12 @@ def _single_file_start(
     store: Store | None,
     scheduler: str | None,
     provenance: dict[str, Any] | None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Path, pd.DataFrame, dict[str, Any]]:
     """What every single-file writer does first: check, compute, describe."""
     out = Path(path)
     _check_target(out, _source(store), folder=False)
-    frame = _single_file_frame(snips, columns, scheduler)
+    frame = _single_file_frame(snips, columns, scheduler, progress)
     info = _single_file_info(frame, store, fmt, provenance)
     out.parent.mkdir(parents=True, exist_ok=True)
     return out, frame, info
@@ -689,6 +725,7 @@ def write_feather(
     store: Store | None = None,
     scheduler: str | None = None,
     provenance: dict[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ExportResult:
     """Write a table as one Feather (Arrow IPC) file, atomically.
 
@@ -706,6 +743,10 @@ def write_feather(
         Dask scheduler used to compute a Dask table.
     provenance : dict, optional
         Extra provenance entries.
+    progress : callable, optional
+        ``progress(done, total)`` as the partitions of a Dask table are
+        computed (``total`` its ``npartitions``; see
+        :func:`pipeline.cluster.compute`); once, ``(1, 1)``, for a pandas table.
 
     Returns
     -------
@@ -718,7 +759,7 @@ def write_feather(
     ``pandas.read_feather(path)`` returns the same columns, dtypes and index.
     """
     out, frame, info = _single_file_start(
-        snips, path, "feather", columns, store, scheduler, provenance
+        snips, path, "feather", columns, store, scheduler, provenance, progress
     )
     arrow = pa.Table.from_pandas(
         frame, preserve_index=not isinstance(frame.index, pd.RangeIndex)
@@ -739,6 +780,7 @@ def write_hdf5(
     store: Store | None = None,
     scheduler: str | None = None,
     provenance: dict[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ExportResult:
     """Write a table as one HDF5 file (PyTables ``format="table"``), atomically.
 
@@ -756,6 +798,10 @@ def write_hdf5(
         Dask scheduler used to compute a Dask table.
     provenance : dict, optional
         Extra provenance entries.
+    progress : callable, optional
+        ``progress(done, total)`` as the partitions of a Dask table are
+        computed (``total`` its ``npartitions``; see
+        :func:`pipeline.cluster.compute`); once, ``(1, 1)``, for a pandas table.
 
     Returns
     -------
@@ -771,7 +817,7 @@ def write_hdf5(
     :func:`read_table` restores them.
     """
     out, frame, info = _single_file_start(
-        snips, path, "hdf5", columns, store, scheduler, provenance
+        snips, path, "hdf5", columns, store, scheduler, provenance, progress
     )
     dtypes = {str(c): str(t) for c, t in frame.dtypes.items()}
     stored = frame.copy(deep=False)
@@ -796,6 +842,7 @@ def write_csv(
     store: Store | None = None,
     scheduler: str | None = None,
     provenance: dict[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ExportResult:
     """Write a table as one CSV file for people and spreadsheets, atomically.
 
@@ -813,6 +860,10 @@ def write_csv(
         Dask scheduler used to compute a Dask table.
     provenance : dict, optional
         Extra provenance entries (returned, not written: CSV has no metadata).
+    progress : callable, optional
+        ``progress(done, total)`` as the partitions of a Dask table are
+        computed (``total`` its ``npartitions``; see
+        :func:`pipeline.cluster.compute`); once, ``(1, 1)``, for a pandas table.
 
     Returns
     -------
@@ -826,7 +877,7 @@ def write_csv(
     :func:`read_table` reads a snips or flags export back with its dtypes.
     """
     out, frame, info = _single_file_start(
-        snips, path, "csv", columns, store, scheduler, provenance
+        snips, path, "csv", columns, store, scheduler, provenance, progress
     )
     with _temporary_file(out) as tmp:
         frame.to_csv(tmp, index=not isinstance(frame.index, pd.RangeIndex))
@@ -855,7 +906,8 @@ def write_table(
     partition_on : sequence of str, default ("experiment_id",)
         Parquet only; ignored by the single-file formats.
     **kwargs
-        Passed to the writer (``columns``, ``store``, ``scheduler``, ...).
+        Passed to the writer (``columns``, ``store``, ``scheduler``,
+        ``progress``, ...).
 
     Returns
     -------
@@ -887,6 +939,7 @@ def export_store(
     columns: Sequence[str] | None = None,
     npartitions: int | None = None,
     scheduler: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ExportResult:
     """Export one table of a store: its snips, its flags or its change log.
 
@@ -912,6 +965,10 @@ def export_store(
         Dask partitions of the snip table (see :func:`pipeline.snips_from_store`).
     scheduler : str, optional
         Dask scheduler.
+    progress : callable, optional
+        ``progress(done, total)`` as partitions are computed or written (see
+        the writers); the flags and the change log are pandas tables, written
+        as one partition.
 
     Returns
     -------
@@ -938,6 +995,7 @@ def export_store(
         "columns": columns,
         "scheduler": scheduler,
         "provenance": {"what": what},
+        "progress": progress,
     }
     if what == "changes":
         store_path = store.path if isinstance(store, Store) else Path(store)
