@@ -5,7 +5,8 @@
 per entity: ``entity_id``, ``level``, ``status`` (``successful``, ``skipped``,
 ``failed``), ``value`` and ``error``. One failing item never stops the batch.
 :func:`to_changes` turns such a result into a change set that
-:func:`pipeline.merge_into_store` accepts (phenotypes or flags), so user computations land in the store with provenance.
+:func:`pipeline.merge_into_store` accepts (phenotypes, flags or measurement
+columns), so user computations land in the store with provenance.
 
 Order and locality: the snip table's partitions are already ordered by
 experiment, video, embryo and frame (they are sorted by ``snip_id``, which
@@ -28,6 +29,7 @@ Two kinds of function are accepted:
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +38,16 @@ import numpy as np
 import pandas as pd
 
 from pipeline._partitions import map_parts
-from pipeline.schema import FLAG_CHANGE_COLUMNS, LEVELS, STRING, empty_frame
+from pipeline.schema import (
+    FLAG_CHANGE_COLUMNS,
+    LEVELS,
+    MEASUREMENT_CHANGE_COLUMNS,
+    RESERVED_COLUMNS,
+    SNIP_COLUMNS,
+    SNIP_INDEX,
+    STRING,
+    empty_frame,
+)
 
 __all__ = ["map_snips", "map_snips_partition", "to_changes", "BATCH_STATUSES"]
 
@@ -140,7 +151,15 @@ def _frame(ids_: list[Any], level: str, status: Any, values: Any, errors: list[A
     return frame
 
 
-def map_snips(snips: dd.DataFrame, func: Callable[..., Any], *, level: str = "snip", meta: Any = None, per_item: bool | None = None) -> dd.DataFrame:
+def map_snips(
+    snips: dd.DataFrame,
+    func: Callable[..., Any],
+    *,
+    level: str = "snip",
+    meta: Any = None,
+    per_item: bool | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dd.DataFrame | pd.DataFrame:
     """Run a function over every snip, image, embryo, video or experiment: lazy.
 
     Parameters
@@ -159,12 +178,23 @@ def map_snips(snips: dd.DataFrame, func: Callable[..., Any], *, level: str = "sn
         dtype of the ``value`` column (e.g. ``"float64"``); default object.
     per_item : bool, optional
         Force the kind of *func*; default: two required parameters mean per item.
+    progress : callable, optional
+        ``progress(done, total)``: compute the result here, calling it as
+        partitions finish (``total`` is ``snips.npartitions``, see
+        :func:`pipeline.cluster.compute`), and return it computed. Default:
+        compute nothing and return the lazy result.
 
     Returns
     -------
-    dask.dataframe.DataFrame
+    dask.dataframe.DataFrame or pandas.DataFrame
         One row per item: ``entity_id``, ``level``, ``status``
         (``successful``, ``skipped``, ``failed``), ``value``, ``error``.
+        Lazy, unless *progress* is given: then a pandas DataFrame.
+
+    Notes
+    -----
+    Lazy without *progress*; with it, triggers computation on the active
+    client (:func:`pipeline.cluster.get_client`) or Dask's local scheduler.
 
     Examples
     --------
@@ -180,7 +210,7 @@ def map_snips(snips: dd.DataFrame, func: Callable[..., Any], *, level: str = "sn
         msg = f"level must be one of {', '.join(LEVELS)}, got {level!r}"
         raise ValueError(msg)
     value_dtype = np.dtype(object) if meta is None else (pd.api.types.pandas_dtype(meta))
-    return map_parts(
+    result = map_parts(
         snips,
         map_snips_partition,
         _result_meta(value_dtype),
@@ -190,6 +220,11 @@ def map_snips(snips: dd.DataFrame, func: Callable[..., Any], *, level: str = "sn
         value_dtype=value_dtype,
         per_item=per_item,
     )
+    if progress is None:
+        return result
+    from pipeline.cluster import compute
+
+    return compute(result, progress=progress, stage="map")
 
 
 def to_changes(
@@ -197,42 +232,84 @@ def to_changes(
     kind: str,
     *,
     author: str,
-    snips: dd.DataFrame | None = None,
+    snips: dd.DataFrame | pd.DataFrame | None = None,
     flag: str | None = None,
     severity: str = "warning",
     vocabulary: dict[str, Any] | None = None,
+    column: str | None = None,
 ) -> pd.DataFrame | dd.DataFrame:
     """Turn a :func:`map_snips` result into a change set for :func:`pipeline.merge_into_store`.
 
     Parameters
     ----------
     result : pandas.DataFrame or dask.dataframe.DataFrame
-        From :func:`map_snips`; only ``successful`` rows become changes.
-    kind : {"phenotype", "flag"}
-        What to write: the value as a snip's phenotype (snip level), or a flag
+        From :func:`map_snips`; only ``successful`` rows become changes
+        (skipped and failed items change nothing).
+    kind : {"phenotype", "flag", "measurement"}
+        What to write: the value as a snip's phenotype (snip level); a flag
         raised on each successful entity (any level; the value becomes the
-        flag's notes unless it is a bool).
+        flag's notes unless it is a bool); or the value as the snip's
+        measurement *column* (snip level, numbers).
     author : str
         Who makes the changes (e.g. ``"auto:my_check"``).
-    snips : dask.dataframe.DataFrame, optional
-        The snip table the result came from: needed for ``phenotype`` (the DEAD
-        rules need each embryo's snips).
+    snips : dask.dataframe.DataFrame or pandas.DataFrame, optional
+        The snip table the result came from. Needed for ``phenotype`` (the
+        DEAD rules need each embryo's snips) and ``measurement`` (each snip's
+        embryo and current value).
     flag : str, optional
         For ``kind="flag"``: the flag value to raise.
     severity : str, default "warning"
         For ``kind="flag"``.
     vocabulary : dict, optional
         For ``kind="phenotype"``: the store's vocabulary.
+    column : str, optional
+        For ``kind="measurement"``: the measurement key to write (a new or an
+        existing measurement column); not one of the snip table's own columns
+        (:data:`pipeline.schema.RESERVED_COLUMNS`).
 
     Returns
     -------
     pandas.DataFrame or dask.dataframe.DataFrame
-        A phenotype or flag change set.
+        A phenotype, flag or measurement change set. The measurement change
+        set has exactly :data:`pipeline.schema.MEASUREMENT_CHANGE_COLUMNS`,
+        one row per successful snip, in the result's order: ``old_value`` is
+        the snip's current value of *column* (NaN if the table has no such
+        column or the snip no value), ``new_value`` the result's value as a
+        float; ``status`` is ``assigned``, ``unchanged`` (the same value, or
+        both missing) or ``failed`` (``reason`` names the snip and the value:
+        not a real number, not finite, or a snip the table lacks), and every
+        row carries *author* and one ISO-8601 UTC ``timestamp`` for the batch.
+
+    Raises
+    ------
+    ValueError
+        For an empty *author*, an unknown *kind*, a missing argument the kind
+        needs, a *column* that is one of the snip table's own columns, a
+        result of another level than ``snip`` for ``measurement`` (for a lazy
+        result, raised when it is computed), or a lazy result whose
+        partitions do not match the lazy *snips*.
 
     Notes
     -----
     ``kind="phenotype"`` computes *result* once: its rows become assignment
-    rows, which are routed to partitions on the client. ``kind="flag"`` stays lazy.
+    rows, which are routed to partitions on the client. ``kind="flag"`` stays
+    lazy. ``kind="measurement"`` stays lazy for a lazy result: partition *i*
+    of the result is matched, by snip id, with partition *i* of *snips* (as
+    :func:`map_snips` leaves them); for a computed result, the two columns it
+    needs of a lazy *snips* are computed here.
+
+    Examples
+    --------
+    >>> import pipeline
+    >>> store = pipeline.testing.make_store(n_experiments=1, n_embryos=2, n_frames=3, seed=0)
+    >>> snips = pipeline.snips_from_store(store)
+    >>> def length_mm(part):
+    ...     return part["length_um"] / 1000
+    >>> result = map_snips(snips, length_mm, meta="float64")
+    >>> changes = to_changes(result, "measurement", column="length_mm", author="me", snips=snips)
+    >>> computed = changes.compute(scheduler="sync")
+    >>> len(computed) == store.counts()["snips"], set(computed["status"])
+    (True, {'assigned'})
     """
     if not isinstance(author, str) or not author.strip():
         msg = f"author must be a non-empty name, got {author!r}"
@@ -254,8 +331,128 @@ def to_changes(
         rows = pd.DataFrame({"embryo_id": embryo.to_numpy(dtype=object), "phenotype": done["value"].astype(str).to_numpy(dtype=object),
                              "frames": [[s] for s in done["entity_id"].to_numpy(dtype=object)]})
         return assign_phenotypes(snips, rows, author=author, vocabulary=vocabulary)
-    msg = f"kind must be 'phenotype' or 'flag', got {kind!r} (measurement columns cannot be merged yet)"
+    if kind == "measurement":
+        return _measurement_changes(result, snips, column, author)
+    msg = f"kind must be 'phenotype', 'flag' or 'measurement', got {kind!r}"
     raise ValueError(msg)
+
+
+def _check_column(column: Any) -> str:
+    """The measurement key *column*, or a ValueError saying what is wrong and how to fix it."""
+    if not isinstance(column, str) or not column.strip():
+        msg = f"to_changes(kind='measurement') needs column=<the measurement key to write>, e.g. column='length_mm'; got {column!r}"
+        raise ValueError(msg)
+    if column in RESERVED_COLUMNS or column in SNIP_COLUMNS or column == SNIP_INDEX:
+        msg = (
+            f"column {column!r} is one of the snip table's own columns (or a field of the store), "
+            f"so a measurement cannot take that name; pick another name, e.g. {column + '_measured'!r}"
+        )
+        raise ValueError(msg)
+    return column
+
+
+def _measurement_changes(
+    result: pd.DataFrame | dd.DataFrame,
+    snips: dd.DataFrame | pd.DataFrame | None,
+    column: Any,
+    author: str,
+) -> pd.DataFrame | dd.DataFrame:
+    from pipeline.store import now
+
+    column = _check_column(column)
+    if snips is None:
+        msg = "to_changes(kind='measurement') needs snips=<the snip table> for each snip's embryo and current value"
+        raise ValueError(msg)
+    wanted = ["embryo_id", column] if column in snips.columns else ["embryo_id"]
+    table = snips[wanted]
+    meta = empty_frame(MEASUREMENT_CHANGE_COLUMNS)
+    options = {"column": column, "author": author, "timestamp": now()}
+    if not isinstance(result, dd.DataFrame):
+        lookup = table.compute() if isinstance(table, dd.DataFrame) else table
+        return _measurement_part(result, lookup, **options)
+    if not isinstance(table, dd.DataFrame):
+        return map_parts(result, _measurement_part, meta, stage="changes", table=table, **options)
+    if table.npartitions != result.npartitions:
+        msg = (
+            f"the result has {result.npartitions} partition(s) but snips has {table.npartitions}: pass the snip "
+            "table the result was computed from (map_snips keeps its partitions), or compute the result first"
+        )
+        raise ValueError(msg)
+    return map_parts(result, _measurement_part, meta, table, stage="changes", **options)
+
+
+def _as_number(value: Any) -> tuple[float, str | None]:
+    """*value* as a float, or NaN and why it is not a measurement."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        return np.nan, f"{value!r} ({type(value).__name__}) is not a number"
+    number = float(value)
+    if np.isinf(number):
+        return np.nan, f"{value!r} is not a finite number (the store holds JSON numbers)"
+    return number, None
+
+
+def _measurement_part(
+    part: pd.DataFrame,
+    table: pd.DataFrame | None = None,
+    *,
+    column: str,
+    author: str,
+    timestamp: str,
+) -> pd.DataFrame:
+    levels = part["level"].dropna().unique().tolist()
+    if any(level != "snip" for level in levels):
+        msg = (
+            f"to_changes(kind='measurement') writes snip measurements, but the result is at level "
+            f"{', '.join(sorted(map(str, levels)))}: run map_snips(..., level='snip')"
+        )
+        raise ValueError(msg)
+    ok = part.loc[(part["status"] == "successful").to_numpy(dtype=bool)]
+    ids = ok["entity_id"].to_numpy(dtype=object)
+    found = table.reindex(pd.Index(ids, dtype=table.index.dtype)) if table is not None else None
+    known = found["embryo_id"].notna().to_numpy(dtype=bool) if found is not None else np.zeros(len(ids), dtype=bool)
+    old = (
+        found[column].to_numpy(dtype=np.float64, na_value=np.nan)
+        if found is not None and column in found.columns
+        else np.full(len(ids), np.nan)
+    )
+    values = ok["value"]
+    if pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype):
+        new = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        problems: list[str | None] = [None if np.isfinite(v) or np.isnan(v) else f"{v!r} is not a finite number (the store holds JSON numbers)" for v in new]
+        new = np.where(np.isinf(new), np.nan, new)
+    else:
+        parsed = [_as_number(v) for v in values.to_numpy(dtype=object)]
+        new = np.array([p[0] for p in parsed], dtype=np.float64)
+        problems = [p[1] for p in parsed]
+    status, reasons = [], []
+    for i, snip in enumerate(ids):
+        if not known[i]:
+            status.append("failed")
+            reasons.append(f"snip {snip}: not in the snip table (pass the snips the result was computed from)")
+        elif problems[i] is not None:
+            status.append("failed")
+            reasons.append(f"snip {snip}: value {problems[i]}; a measurement must be a real number")
+        elif new[i] == old[i] or (np.isnan(new[i]) and np.isnan(old[i])):
+            status.append("unchanged")
+            reasons.append(None)
+        else:
+            status.append("assigned")
+            reasons.append(None)
+    n = len(ids)
+    embryo = found["embryo_id"].to_numpy(dtype=object) if found is not None else [None] * n
+    return pd.DataFrame(
+        {
+            "snip_id": pd.array(ids, dtype=STRING),
+            "embryo_id": pd.array(embryo, dtype=STRING),
+            "column": pd.array([column] * n, dtype=STRING),
+            "old_value": old,
+            "new_value": np.where(np.array([s == "failed" for s in status], dtype=bool), np.nan, new),
+            "status": pd.array(status, dtype=STRING),
+            "reason": pd.array(reasons, dtype=STRING),
+            "author": pd.array([author] * n, dtype=STRING),
+            "timestamp": pd.array([timestamp] * n, dtype=STRING),
+        }
+    ).astype(MEASUREMENT_CHANGE_COLUMNS)
 
 
 def _apply(result: pd.DataFrame | dd.DataFrame, func: Callable[..., pd.DataFrame], meta: pd.DataFrame, **kwargs: Any) -> pd.DataFrame | dd.DataFrame:
