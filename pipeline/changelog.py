@@ -8,6 +8,19 @@ fsynced *before* the store is replaced, so a crash can leave a logged batch
 that never reached the store, never the opposite; a batch whose store write
 failed is followed by an ``aborted`` line. :func:`undo` puts back the
 ``before`` values of exactly one batch, as a new batch of its own.
+
+Checkpointed merges (``merge_into_store(..., checkpoint_every=N)``) write one
+batch per checkpoint; each record also carries ``"checkpoint": {"run": KEY,
+"partitions": [...], "npartitions": M}``, and once its store write returned a
+``{"batch_id": ..., "kind": "saved"}`` line follows it. A re-run of the same
+inputs reads :func:`run_checkpoints` to skip the partitions already committed.
+``saved`` lines are markers, not batches: :func:`committed_batches` leaves them
+out.
+
+A measurement value that did not exist before (or after) a change is logged as
+:data:`ABSENT_KEY` (the snip's ``measurements`` object lacked the key) or
+:data:`ABSENT_OBJECT` (the snip had no ``measurements`` object at all), so that
+an undo restores the file byte for byte.
 """
 
 from __future__ import annotations
@@ -23,7 +36,32 @@ import pandas as pd
 
 from pipeline.errors import MergeConflictError, PipelineError
 
-__all__ = ["changelog_path", "append_record", "iter_records", "read_changelog", "new_batch_id", "committed_batches"]
+__all__ = [
+    "changelog_path",
+    "append_record",
+    "iter_records",
+    "read_changelog",
+    "new_batch_id",
+    "committed_batches",
+    "mark_saved",
+    "in_effect",
+    "run_checkpoints",
+    "ABSENT_KEY",
+    "ABSENT_OBJECT",
+]
+
+#: Kind of the marker line that follows a checkpoint batch once the store
+#: file holding it was written (not a batch of its own).
+SAVED = "saved"
+
+#: Logged ``before``/``after`` of a measurement whose key was missing from the
+#: snip's ``measurements`` object (measurement values are numbers or null, so
+#: an object is never a value).
+ABSENT_KEY: dict[str, str] = {"$absent": "key"}
+
+#: Logged ``before``/``after`` of a measurement of a snip that had no
+#: ``measurements`` object at all.
+ABSENT_OBJECT: dict[str, str] = {"$absent": "object"}
 
 
 def changelog_path(store_path: str | os.PathLike[str]) -> Path:
@@ -74,10 +112,97 @@ def iter_records(store_path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]
 
 
 def committed_batches(store_path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The batch records that reached the store (not aborted), oldest first."""
+    """The batch records that reached the store (not aborted), oldest first.
+
+    ``saved`` marker lines (see :func:`mark_saved`) are not batches and are
+    left out.
+    """
     records = list(iter_records(store_path))
     aborted = {r["batch_id"] for r in records if r.get("kind") == "aborted"}
-    return [r for r in records if r.get("kind") != "aborted" and r["batch_id"] not in aborted]
+    return [r for r in records if r.get("kind") not in ("aborted", SAVED) and r["batch_id"] not in aborted]
+
+
+def mark_saved(store_path: str | os.PathLike[str], batch_id: str) -> None:
+    """Record that the store file holding *batch_id* was written.
+
+    Parameters
+    ----------
+    store_path : path-like
+        The store whose log it is.
+    batch_id : str
+        A batch whose record is already in the log.
+
+    Notes
+    -----
+    A batch's record is made durable *before* the store is replaced, so a
+    process killed in between leaves a record whose values never reached the
+    store. Checkpointed merges append this marker after the write returned: a
+    checkpoint with its marker is certainly in the store; one without is
+    checked against the store's values before a re-run skips its partitions.
+    """
+    from pipeline.store import now
+
+    append_record(store_path, {"batch_id": batch_id, "kind": SAVED, "timestamp": now()})
+
+
+def in_effect(records: list[dict[str, Any]]) -> set[str]:
+    """The batch ids whose changes are in effect: committed and not undone.
+
+    Parameters
+    ----------
+    records : list of dict
+        Committed batch records, oldest first (:func:`committed_batches`).
+
+    Returns
+    -------
+    set of str
+        Every batch id except those undone by an undo that is itself in
+        effect (undoing an undo puts its target back in effect).
+    """
+    state: dict[str, bool] = {}
+    target: dict[str, str] = {}
+    for rec in records:
+        if rec.get("kind") == "undo":
+            undone = (rec.get("inputs") or {}).get("undo_of")
+            if isinstance(undone, str):
+                target[rec["batch_id"]] = undone
+    for rec in records:
+        # An undo U of T: U in effect means T is not; U undone brings T back.
+        bid, value, seen = rec["batch_id"], True, set()
+        while bid is not None and bid not in seen:
+            seen.add(bid)
+            state[bid] = value
+            bid, value = target.get(bid), not value
+    return {b for b, on in state.items() if on}
+
+
+def run_checkpoints(store_path: str | os.PathLike[str], run_key: str) -> list[tuple[dict[str, Any], bool]]:
+    """The checkpoint batches of one run that are in effect, oldest first.
+
+    Parameters
+    ----------
+    store_path : path-like
+        The store.
+    run_key : str
+        The run (see :func:`pipeline.merge.merge_into_store`, ``run_key``).
+
+    Returns
+    -------
+    list of (dict, bool)
+        Each checkpoint record (its ``checkpoint`` entry names the partitions
+        it covers) and whether a ``saved`` marker confirms it reached the store.
+        Aborted and undone checkpoints are left out.
+    """
+    records = list(iter_records(store_path))
+    saved = {r["batch_id"] for r in records if r.get("kind") == SAVED}
+    batches = committed_batches(store_path)
+    live = in_effect(batches)
+    out = []
+    for rec in batches:
+        checkpoint = rec.get("checkpoint")
+        if isinstance(checkpoint, dict) and checkpoint.get("run") == run_key and rec["batch_id"] in live:
+            out.append((rec, rec["batch_id"] in saved))
+    return out
 
 
 def read_changelog(store_path: str | os.PathLike[str]) -> pd.DataFrame:

@@ -1,18 +1,25 @@
-"""Stage 5: merge change sets back into the JSON store, in one safe write.
+"""Stage 5: merge change sets back into the JSON store, in safe, logged batches.
 
-:func:`merge_into_store` computes a change set (phenotypes, genotypes or
-flags; lazy or already computed) once, then, under the store's cross-process
-lock: re-reads the file if another writer replaced it, checks that every value
-it is about to replace is still the value the change set was computed against,
-applies the changes, logs the exact before/after values of the batch to the
-change log, and replaces the file atomically. Any failure before the final
-rename restores the document in memory and leaves the file byte-identical.
+:func:`merge_into_store` computes a change set (phenotypes, genotypes, flags or
+measurements; lazy or already computed) once, then, under the store's
+cross-process lock: re-reads the file if another writer replaced it, checks
+that every value it is about to replace is still the value the change set was
+computed against, applies the changes, logs the exact before/after values of
+the batch to the change log, and replaces the file atomically. Any failure
+before the final rename restores the document in memory and leaves the file
+byte-identical.
+
+With ``checkpoint_every=N`` a long run commits the changes of every N
+finished partitions as a batch of its own (a *checkpoint*), so a run killed
+after hours loses at most N partitions of work; running it again with the same
+inputs skips the partitions whose checkpoints are in the change log.
 
 Notes: triggers computation.
 """
 
 from __future__ import annotations
 
+import hashlib
 import html
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,8 +27,8 @@ from typing import Any
 
 import dask.dataframe as dd
 import numpy as np
+import orjson
 import pandas as pd
-from dask.callbacks import Callback
 
 from pipeline import changelog, ids
 from pipeline._atomic import LOCK_TIMEOUT
@@ -29,19 +36,37 @@ from pipeline.errors import MergeConflictError
 from pipeline.schema import (
     FLAG_CHANGE_COLUMNS,
     GENOTYPE_CHANGE_COLUMNS,
+    MEASUREMENT_CHANGE_COLUMNS,
     PHENOTYPE_CHANGE_COLUMNS,
+    RESERVED_COLUMNS,
     STRING,
     empty_frame,
 )
 from pipeline.store import Store, now
 
-__all__ = ["MergeReport", "merge_into_store", "merge_many", "undo", "kind_of"]
+__all__ = ["MergeReport", "merge_into_store", "merge_many", "undo", "kind_of", "run_key_of"]
 
 _WRITE = ("assigned", "backfilled")
 
 
 def kind_of(changes: pd.DataFrame | dd.DataFrame) -> str:
-    """Tell which kind of change set *changes* is: phenotype, genotype or flag."""
+    """Tell which kind of change set *changes* is.
+
+    Parameters
+    ----------
+    changes : pandas.DataFrame or dask.dataframe.DataFrame
+        A change set.
+
+    Returns
+    -------
+    str
+        ``phenotype``, ``flag``, ``genotype`` or ``measurement``.
+
+    Raises
+    ------
+    ValueError
+        If the columns are those of no change set.
+    """
     cols = set(changes.columns)
     if set(PHENOTYPE_CHANGE_COLUMNS) <= cols:
         return "phenotype"
@@ -49,25 +74,29 @@ def kind_of(changes: pd.DataFrame | dd.DataFrame) -> str:
         return "flag"
     if set(GENOTYPE_CHANGE_COLUMNS) <= cols:
         return "genotype"
+    if set(MEASUREMENT_CHANGE_COLUMNS) <= cols:
+        return "measurement"
     msg = (
-        "not a change set: expected the columns of PHENOTYPE_CHANGE_COLUMNS, GENOTYPE_CHANGE_COLUMNS "
-        f"or FLAG_CHANGE_COLUMNS (pipeline.schema), got {sorted(cols)}"
+        "not a change set: expected the columns of PHENOTYPE_CHANGE_COLUMNS, GENOTYPE_CHANGE_COLUMNS, "
+        f"FLAG_CHANGE_COLUMNS or MEASUREMENT_CHANGE_COLUMNS (pipeline.schema), got {sorted(cols)}"
     )
     raise ValueError(msg)
 
 
 @dataclass
 class MergeReport:
-    """What a merge did: counts per status, failed rows, overrides, the batch id.
+    """What a merge did: counts per status, failed rows, overrides, the batch ids.
 
     Attributes
     ----------
     batch_id : str or None
-        Id of the batch in the change log (None for a dry run or no change).
+        Id of the batch in the change log (None for a dry run or no change);
+        for a checkpointed run, the last checkpoint that changed the store.
     kind : str
-        ``phenotype``, ``genotype`` or ``flag``.
+        ``phenotype``, ``genotype``, ``flag`` or ``measurement``.
     counts : dict of str to int
-        Change-set rows per status.
+        Change-set rows per status (over every checkpoint of a run; rows of
+        resumed partitions are not computed and not counted).
     n_written : int
         Values written to the store.
     overrides : int
@@ -80,6 +109,19 @@ class MergeReport:
         True when nothing was written.
     path : str or None
         The store file.
+    notes : list of str
+        What else happened (a re-read store, resumed partitions).
+    batch_ids : list of str
+        Every batch this call committed that changed the store, oldest first
+        (one per checkpoint of a checkpointed run; undo each, newest first, to
+        undo the run).
+    resumed : int
+        Checkpointed runs: partitions skipped because an earlier run of the
+        same inputs had committed them.
+    npartitions : int or None
+        Checkpointed runs: partitions of the change set.
+    run_key : str or None
+        Checkpointed runs: the key the checkpoints are recorded under.
     """
 
     batch_id: str | None
@@ -92,6 +134,10 @@ class MergeReport:
     dry_run: bool = False
     path: str | None = None
     notes: list[str] = field(default_factory=list)
+    batch_ids: list[str] = field(default_factory=list)
+    resumed: int = 0
+    npartitions: int | None = None
+    run_key: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -106,7 +152,14 @@ class MergeReport:
     def summary(self) -> str:
         """A few readable lines."""
         verb = "would write" if self.dry_run else "wrote"
-        head = f"{self.kind} batch {self.batch_id or '(dry run)'}: {verb} {self.n_written} value(s)"
+        if len(self.batch_ids) > 1:
+            head = (
+                f"{self.kind} run {self.run_key}: {verb} {self.n_written} value(s) in "
+                f"{len(self.batch_ids)} checkpoint batches, {self.batch_ids[0]} .. {self.batch_id}"
+            )
+        else:
+            label = self.batch_id or ("(dry run)" if self.dry_run else "(nothing to write)")
+            head = f"{self.kind} batch {label}: {verb} {self.n_written} value(s)"
         counts = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())) or "no changes"
         lines = [head, f"  {counts}"]
         if self.overrides:
@@ -115,8 +168,7 @@ class MergeReport:
         if len(self.failed):
             lines.append(f"  failed rows ({len(self.failed)}):")
             for _, r in self.failed.head(20).iterrows():
-                where = r.get("entity_id", r.get("embryo_id", ""))
-                lines.append(f"    row {r.get('row', '-')}: {where}: {r['reason']}")
+                lines.append(f"    row {r.get('row', '-')}: {_where(r)}: {r['reason']}")
             if len(self.failed) > 20:
                 lines.append(f"    ... and {len(self.failed) - 20} more")
         return "\n".join(lines)
@@ -135,35 +187,54 @@ class MergeReport:
         )
 
 
-class _Progress(Callback):
-    """Report ``progress(done, total)`` as tasks finish on a local scheduler."""
-
-    def __init__(self, progress: Callable[[int, int], None]) -> None:
-        super().__init__()
-        self.progress = progress
-        self.total = 0
-        self.done = 0
-
-    def _start_state(self, dsk: Any, state: dict[str, Any]) -> None:
-        self.total = sum(len(state[k]) for k in ("ready", "waiting", "running", "finished") if k in state)
-
-    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
-        self.done += 1
-        self.progress(self.done, max(self.total, self.done))
+def _where(row: pd.Series) -> str:
+    """The entity a failed row is about, for the summary."""
+    for key in ("entity_id", "snip_id", "embryo_id"):
+        value = row.get(key)
+        if value is not None and not pd.isna(value):
+            return str(value)
+    return ""
 
 
 def _compute(changes: pd.DataFrame | dd.DataFrame, progress: Callable[[int, int], None] | None) -> pd.DataFrame:
     if isinstance(changes, pd.DataFrame):
         return changes
-    from pipeline.cluster import compute, get_client
+    from pipeline.cluster import compute
 
-    if get_client() is not None:
-        # distributed: progress per finished partition, in a "merge" span
-        return compute(changes, progress=progress, stage="merge")
-    if progress is None:
-        return changes.compute()
-    with _Progress(progress):
-        return changes.compute()
+    # Distributed: progress per finished partition, in a "merge" span; local
+    # schedulers: per finished task.
+    return compute(changes, progress=progress, stage="merge")
+
+
+def _writes(kind: str, table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a computed change set that write to the store."""
+    if kind == "flag":
+        return table.loc[table["status"] == "raised"]
+    if kind == "measurement":
+        return table.loc[table["status"] == "assigned"]
+    return table.loc[table["status"].isin(_WRITE)]
+
+
+def _make_report(kind: str, table: pd.DataFrame, store: Store, dry_run: bool) -> MergeReport:
+    counts = {str(k): int(v) for k, v in table["status"].value_counts().items()}
+    failed = table.loc[table["status"] == "failed"]
+    failed = (failed.sort_values("row", kind="stable") if "row" in failed else failed).reset_index(drop=True)
+    overrides = int(table["reason"].fillna("").str.startswith("overridden").sum())
+    return MergeReport(
+        batch_id=None, kind=kind, counts=counts, n_written=len(_writes(kind, table)), overrides=overrides,
+        failed=failed, changes=table, dry_run=dry_run, path=str(store.path) if store.path else None,
+    )
+
+
+def _strict_error(failed: pd.DataFrame, committed: list[str] | None = None) -> MergeConflictError:
+    msg = f"{len(failed)} detector failure(s) and strict=True: nothing written. First: {failed['reason'].iloc[0]}"
+    if committed:
+        msg = (
+            f"{len(failed)} detector failure(s) and strict=True: the failing checkpoint was not written; the "
+            f"{len(committed)} checkpoint(s) committed before it stay (last {committed[-1]}), and re-running "
+            f"the same command resumes after them. First: {failed['reason'].iloc[0]}"
+        )
+    return MergeConflictError(msg, failure_cases=failed.reset_index(drop=True))
 
 
 def merge_into_store(
@@ -177,75 +248,143 @@ def merge_into_store(
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
     inputs: dict[str, Any] | None = None,
+    checkpoint_every: int | None = None,
+    run_key: str | None = None,
 ) -> MergeReport:
-    """Write a change set back into the store in one atomic, logged batch.
+    """Write a change set back into the store in atomic, logged batches.
 
     Parameters
     ----------
     store : Store
         The store the change set was computed from.
     changes : pandas.DataFrame or dask.dataframe.DataFrame
-        From :func:`pipeline.assign_phenotypes`, :func:`pipeline.assign_genotypes`
-        or :func:`pipeline.run_detectors`.
+        From :func:`pipeline.assign_phenotypes`, :func:`pipeline.assign_genotypes`,
+        :func:`pipeline.run_detectors` or ``pipeline.to_changes(...,
+        "measurement", column=...)``.
     dry_run : bool, default False
         Compute and report, write nothing.
     replace_authors : iterable of str, optional
         Flag change sets only: first clear the flags these authors (e.g.
         ``"auto:ShortTrack"``) raised earlier and that the change set does not
-        raise again.
+        raise again. Not with *checkpoint_every* (see Notes).
     strict : bool, default False
-        Flag change sets only: refuse to write anything if a detector failed.
+        Flag change sets only: refuse to write anything if a detector failed
+        (with *checkpoint_every*: the failing checkpoint and what follows).
     lock_timeout : float, default LOCK_TIMEOUT
         Seconds to wait for another writer's lock.
     force : bool, default False
         Write even where the store changed since the change set was computed.
     progress : callable, optional
-        ``progress(done, total)`` as partitions complete.
+        ``progress(done, total)`` as partitions (or, on a local scheduler
+        without checkpoints, tasks) complete.
     inputs : dict, optional
-        What produced the batch (file names, options), recorded in the log.
+        What produced the batch (file names, options, content hashes),
+        recorded in the log; with *checkpoint_every* it also identifies the
+        run (see *run_key*).
+    checkpoint_every : int, optional
+        Commit the changes of every this many finished partitions as a batch
+        of its own (a checkpoint) instead of one batch at the end. A re-run
+        with the same inputs skips the partitions already committed.
+    run_key : str, optional
+        With *checkpoint_every*: the key checkpoints are recorded and found
+        under. Default :func:`run_key_of` (kind, *inputs*, number of
+        partitions), so the same command on the same files resumes.
 
     Returns
     -------
     MergeReport
-        Counts per status, failed rows, overrides and the ``batch_id``.
+        Counts per status, failed rows, overrides, ``batch_id`` and
+        ``batch_ids``; for a checkpointed run also ``resumed``, ``npartitions``
+        and ``run_key``.
 
     Raises
     ------
     MergeConflictError
         If values changed on disk since the change set was computed (another
-        writer), or a detector failed with *strict*. Nothing is written.
+        writer), a change names a snip the store lacks, or a detector failed
+        with *strict*. Nothing of that batch is written.
     StoreLockedError
         If another writer holds the lock past *lock_timeout*.
+    ValueError
+        For a measurement change set naming a column the store cannot hold,
+        or *checkpoint_every* without *inputs* or *run_key*, with
+        *replace_authors*, or on a store not read from a file.
 
     Notes
     -----
     Triggers computation.
+
+    **Checkpoints.** Each checkpoint is a normal batch (lock, stale check,
+    apply, check the touched embryos, change-log record, atomic save) whose
+    record also names the run and the partitions it covers; a checkpoint whose
+    partitions changed nothing is recorded too (no store write), so a re-run
+    does not compute them again. Partitions never split an embryo (they hold
+    whole videos), so the checkpoints of a run touch disjoint snips and
+    embryos. With a distributed client every remaining partition is submitted
+    at once and a checkpoint is committed each time *checkpoint_every* more
+    have finished; on Dask's local schedulers groups of *checkpoint_every*
+    partitions are computed one after the other (in parallel within a group).
+    A re-run skips the partitions of the run's checkpoints that are in effect
+    (committed, not aborted, not undone) and that reached the store (a
+    ``saved`` marker, or else the store still holds their values), and
+    computes the others against the store as it now is; ``resumed`` counts the
+    skipped ones. ``replace_authors`` is refused with checkpoints: clearing
+    a detector's old flags needs every partition's new flags first, and
+    experiment-level and reducing detectors' flags do not belong to one
+    partition, so a checkpoint cannot know what is safe to clear. Each
+    checkpoint batch undoes on its own (:func:`undo`); undo a whole run by
+    undoing ``batch_ids`` newest first. An undone checkpoint's partitions are
+    computed again by the next re-run.
+
+    **Measurements.** Rows with status ``assigned`` write ``new_value`` into
+    ``snip["measurements"][column]`` (NaN writes null; the object is created
+    when absent). ``old_value`` must equal the current value (NaN matches an
+    absent key or null) unless *force*. The store holds no author for
+    measurements: author and timestamp go to the change-log record only
+    (``author``, ``values_timestamp``).
     """
     kind = kind_of(changes)
-    table = _compute(changes, progress)
-    counts = {str(k): int(v) for k, v in table["status"].value_counts().items()}
-    failed = table.loc[table["status"] == "failed"]
-    failed = (failed.sort_values("row", kind="stable") if "row" in failed else failed).reset_index(drop=True)
-    overrides = int(table["reason"].fillna("").str.startswith("overridden").sum())
-    if kind == "flag":
-        writes = table.loc[table["status"] == "raised"]
-    else:
-        writes = table.loc[table["status"].isin(_WRITE)]
-    report = MergeReport(
-        batch_id=None, kind=kind, counts=counts, n_written=len(writes), overrides=overrides,
-        failed=failed, changes=table, dry_run=dry_run, path=str(store.path) if store.path else None,
-    )
-    if kind == "flag" and strict and len(failed):
-        msg = f"{len(failed)} detector failure(s) and strict=True: nothing written. First: {failed['reason'].iloc[0]}"
-        raise MergeConflictError(msg, failure_cases=failed)
     replace = sorted(set(replace_authors or ()))
+    if checkpoint_every is not None:
+        return _merge_checkpointed(
+            store, changes, kind, every=checkpoint_every, run_key=run_key, inputs=inputs, dry_run=dry_run,
+            replace=replace, strict=strict, lock_timeout=lock_timeout, force=force, progress=progress,
+        )
+    table = _compute(changes, progress)
+    report = _make_report(kind, table, store, dry_run)
+    if kind == "flag" and strict and len(report.failed):
+        raise _strict_error(report.failed)
+    writes = _writes(kind, table)
+    if kind == "measurement":
+        _check_measurement_rows(writes)
     if dry_run or (len(writes) == 0 and not replace):
-        report.dry_run = dry_run
         return report
+    batch_id, n_written = _write_batch(store, kind, writes, replace, force, inputs, lock_timeout, report.notes)
+    if kind == "flag":
+        report.n_written = n_written
+    report.batch_id = batch_id
+    report.batch_ids = [batch_id] if batch_id else []
+    return report
+
+
+def _write_batch(
+    store: Store,
+    kind: str,
+    writes: pd.DataFrame,
+    replace: list[str],
+    force: bool,
+    inputs: dict[str, Any] | None,
+    lock_timeout: float,
+    notes: list[str],
+    checkpoint: dict[str, Any] | None = None,
+) -> tuple[str | None, int]:
+    """Apply one batch under the lock: its batch id (None if nothing changed) and values written."""
     with store.locked(lock_timeout):
         if store.changed_on_disk():
             store.reload()
-            report.notes.append("the store was changed by another writer: re-read, and the batch applied on top")
+            note = "the store was changed by another writer: re-read, and the batch applied on top"
+            if note not in notes:
+                notes.append(note)
         log: list[list[Any]] = []
         undo_ops: list[Callable[[], None]] = []
         try:
@@ -253,26 +392,299 @@ def merge_into_store(
                 _apply_phenotypes(store, writes, log, undo_ops, force)
             elif kind == "genotype":
                 _apply_genotypes(store, writes, log, undo_ops, force)
+            elif kind == "measurement":
+                _apply_measurements(store, writes, log, undo_ops, force)
             else:
                 _apply_flags(store, writes, replace, log, undo_ops)
-            if kind == "flag":
-                report.n_written = len(log)
-            if not log:
-                store.invalidate()
-                return report
+            n_written = len(log) if kind == "flag" else len(writes)
             store.invalidate()
+            extra = _record_extra(kind, writes, checkpoint)
+            if not log:
+                if checkpoint is not None and store.path is not None:
+                    # Nothing to write, but the partitions are done: record
+                    # it so a re-run does not compute them again.
+                    _record_empty(store, kind, writes, inputs, extra)
+                return None, 0
             if kind != "flag":
                 # Flag entries were checked one by one as they were built
                 # (vocabulary, severity, author, confidence): re-checking every
                 # touched embryo would cost a table rebuild for nothing.
                 store.check_embryos(_touched_embryos(log))
-            report.batch_id = _commit(store, kind, writes, log, inputs)
+            batch_id = _commit(store, kind, writes, log, inputs, extra=extra)
         except BaseException:
             for op in reversed(undo_ops):
                 op()
             store.invalidate()
             raise
+    return batch_id, n_written
+
+
+def _record_extra(kind: str, writes: pd.DataFrame, checkpoint: dict[str, Any] | None) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    if checkpoint is not None:
+        extra["checkpoint"] = checkpoint
+    if kind == "measurement" and len(writes):
+        # Measurements carry no author or time in the store: the log keeps them.
+        authors = sorted(set(writes["author"].dropna().astype(str)))
+        stamps = sorted(set(writes["timestamp"].dropna().astype(str)))
+        extra["author"] = ", ".join(authors)
+        extra["values_timestamp"] = stamps[0] if len(stamps) == 1 else stamps
+    return extra
+
+
+def _record_empty(store: Store, kind: str, writes: pd.DataFrame, inputs: dict[str, Any] | None, extra: dict[str, Any]) -> None:
+    author = str(writes["author"].iloc[0]) if len(writes) and "author" in writes else ""
+    record = {
+        "batch_id": changelog.new_batch_id(), "kind": kind, "author": author, "timestamp": now(),
+        "store": str(store.path), "inputs": inputs or {}, "changes": [], **extra,
+    }
+    changelog.append_record(store.path, record)
+
+
+# ---------------------------------------------------------------- checkpoints
+def run_key_of(kind: str, inputs: dict[str, Any], npartitions: int) -> str:
+    """The key a checkpointed run is recorded under: same inputs, same key.
+
+    Parameters
+    ----------
+    kind : str
+        The change set's kind.
+    inputs : dict
+        What produced it (file names, options, content hashes); JSON-able
+        values (others are taken by their ``str``).
+    npartitions : int
+        Partitions of the change set (checkpoints name partition indices).
+
+    Returns
+    -------
+    str
+        ``r-`` and 16 hex digits.
+
+    Examples
+    --------
+    >>> run_key_of("phenotype", {"rows": "a.csv"}, 4) == run_key_of("phenotype", {"rows": "a.csv"}, 4)
+    True
+    >>> run_key_of("phenotype", {"rows": "a.csv"}, 4) == run_key_of("phenotype", {"rows": "a.csv"}, 5)
+    False
+    """
+    payload = orjson.dumps(
+        {"kind": kind, "inputs": inputs, "npartitions": int(npartitions)}, option=orjson.OPT_SORT_KEYS, default=str
+    )
+    return "r-" + hashlib.sha256(payload).hexdigest()[:16]
+
+
+def _merge_checkpointed(
+    store: Store,
+    changes: pd.DataFrame | dd.DataFrame,
+    kind: str,
+    *,
+    every: int,
+    run_key: str | None,
+    inputs: dict[str, Any] | None,
+    dry_run: bool,
+    replace: list[str],
+    strict: bool,
+    lock_timeout: float,
+    force: bool,
+    progress: Callable[[int, int], None] | None,
+) -> MergeReport:
+    if isinstance(every, bool) or not isinstance(every, int | np.integer) or every < 1:
+        msg = f"checkpoint_every must be a whole number of partitions, at least 1; got {every!r}"
+        raise ValueError(msg)
+    if replace:
+        msg = (
+            "replace_authors cannot be combined with checkpoint_every: clearing the flags a detector no longer "
+            "raises needs the new flags of every partition first, and a checkpoint commits only some. Run the "
+            "replacing merge without checkpoints (detect --replace without --checkpoint-every)"
+        )
+        raise ValueError(msg)
+    if store.path is None:
+        msg = "checkpoint_every needs a store read from a file: checkpoints are recorded in the change log beside it"
+        raise ValueError(msg)
+    if run_key is None and inputs is None:
+        msg = (
+            "checkpoint_every needs inputs= (what produced the change set: file names, options, content hashes) "
+            "or run_key=, so that a re-run can tell its own checkpoints from other runs'"
+        )
+        raise ValueError(msg)
+    lazy = isinstance(changes, dd.DataFrame)
+    nparts = changes.npartitions if lazy else 1
+    key = run_key or run_key_of(kind, inputs or {}, nparts)
+    if store.changed_on_disk():
+        store.reload()
+    notes: list[str] = []
+    done = _resumable(store, key, kind, nparts, notes)
+    todo = [i for i in range(nparts) if i not in done]
+    pieces: dict[int, pd.DataFrame] = {}
+    batch_ids: list[str] = []
+    n_written = 0
+
+    def commit(partitions: list[int], table: pd.DataFrame) -> None:
+        nonlocal n_written
+        pieces[min(partitions)] = table
+        if kind == "flag" and strict:
+            failed = table.loc[table["status"] == "failed"]
+            if len(failed):
+                raise _strict_error(failed, batch_ids)
+        writes = _writes(kind, table)
+        if kind == "measurement":
+            _check_measurement_rows(writes)
+        if dry_run:
+            return
+        checkpoint = {"run": key, "partitions": sorted(partitions), "npartitions": nparts}
+        batch_id, n = _write_batch(store, kind, writes, [], force, inputs, lock_timeout, notes, checkpoint)
+        n_written += n
+        if batch_id is not None:
+            batch_ids.append(batch_id)
+
+    if todo and not lazy:
+        commit([0], changes)
+    elif todo:
+        from pipeline.cluster import get_client
+
+        client = get_client()
+        if client is None:
+            _checkpoint_local(changes, todo, every, commit, progress)
+        else:
+            _checkpoint_distributed(client, changes, todo, every, commit, progress)
+    table = _concat([pieces[i] for i in sorted(pieces)], changes)
+    report = _make_report(kind, table, store, dry_run)
+    if kind == "flag" and not dry_run:
+        report.n_written = n_written
+    report.batch_ids = batch_ids
+    report.batch_id = batch_ids[-1] if batch_ids else None
+    report.resumed, report.npartitions, report.run_key = len(done), nparts, key
+    if done:
+        notes.append(
+            f"resumed: {len(done)} of {nparts} partition(s) were committed by an earlier run of these inputs "
+            f"(run {key}) and were skipped; {len(todo)} computed now"
+        )
+    if len(batch_ids) > 1:
+        notes.append(f"{len(batch_ids)} checkpoint batches: undo them newest first to undo the run")
+    report.notes = notes
     return report
+
+
+def _concat(tables: list[pd.DataFrame], changes: pd.DataFrame | dd.DataFrame) -> pd.DataFrame:
+    if not tables:
+        meta = changes._meta if isinstance(changes, dd.DataFrame) else changes.iloc[:0]
+        return meta.copy()
+    if len(tables) == 1:
+        return tables[0]
+    return pd.concat(tables, ignore_index=True)
+
+
+def _resumable(store: Store, key: str, kind: str, nparts: int, notes: list[str]) -> set[int]:
+    """Partitions an earlier run under *key* committed and the store holds."""
+    done: set[int] = set()
+    ignored = 0
+    for record, saved in changelog.run_checkpoints(store.path, key):
+        checkpoint = record["checkpoint"]
+        if record.get("kind") != kind or checkpoint.get("npartitions") != nparts:
+            ignored += 1
+            continue
+        # Without the "saved" marker the process may have died between the
+        # log line and the store write: trust the store's values.
+        if saved or _holds(store, record.get("changes", [])):
+            done.update(int(i) for i in checkpoint.get("partitions", []) if 0 <= int(i) < nparts)
+    if ignored:
+        notes.append(
+            f"{ignored} checkpoint(s) of run {key} were for another kind or number of partitions and were not "
+            "resumed; their partitions were computed again"
+        )
+    return done
+
+
+def _holds(store: Store, changes: list[list[Any]]) -> bool:
+    """Whether the store holds every ``after`` value of a batch's changes."""
+    for target, entity, fieldname, _before, after in changes:
+        try:
+            if _current_value(store, target, entity, fieldname) != after:
+                return False
+        except (KeyError, ValueError):
+            return False
+    return True
+
+
+def _current_value(store: Store, target: str, entity: str, fieldname: str) -> Any:
+    if target == "snip":
+        snip = store.embryos[ids.parse_snip_id(entity).embryo_id]["snips"][entity]
+        if fieldname.startswith("measurements."):
+            return _get_measurement(snip, fieldname.split(".", 1)[1])
+        return snip[fieldname]
+    if target == "embryo":
+        return store.embryos[entity][fieldname]
+    level, name = entity.split(":", 1)
+    owner, key, existed = _flag_owner(store, level, name)
+    return owner[key] if existed else None
+
+
+def _group_progress(
+    progress: Callable[[int, int], None] | None, base: int, size: int, total: int
+) -> Callable[[int, int], None] | None:
+    """Task progress within a group of *size* partitions, as partitions of the run."""
+    if progress is None:
+        return None
+
+    def report(done: int, tasks: int) -> None:
+        progress(base + (done * size) // max(tasks, 1), total)
+
+    return report
+
+
+def _checkpoint_local(
+    changes: dd.DataFrame,
+    todo: list[int],
+    every: int,
+    commit: Callable[[list[int], pd.DataFrame], None],
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Groups of *every* partitions, one after the other, each computed in parallel."""
+    from pipeline.cluster import compute
+
+    total = len(todo)
+    for start in range(0, total, every):
+        group = todo[start : start + every]
+        table = compute(changes.partitions[group], progress=_group_progress(progress, start, len(group), total))
+        commit(group, table)
+        if progress is not None:
+            progress(start + len(group), total)
+
+
+def _checkpoint_distributed(
+    client: Any,
+    changes: dd.DataFrame,
+    todo: list[int],
+    every: int,
+    commit: Callable[[list[int], pd.DataFrame], None],
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Every partition submitted at once; a checkpoint each time *every* more finished."""
+    from distributed import as_completed
+
+    from pipeline.cluster import _cluster_failures, _span
+
+    parts = changes.to_delayed(optimize_graph=True)
+    total = len(todo)
+    with _span("merge"), _cluster_failures():
+        futures = client.compute([parts[i] for i in todo])
+        index = {f.key: i for f, i in zip(futures, todo, strict=True)}
+        try:
+            if progress is not None:
+                progress(0, total)
+            finished: dict[int, pd.DataFrame] = {}
+            for done, future in enumerate(as_completed(futures), start=1):
+                finished[index[future.key]] = future.result()
+                future.release()
+                if progress is not None:
+                    progress(done, total)
+                if len(finished) >= every or done == total:
+                    order = sorted(finished)
+                    commit(order, _concat([finished[i] for i in order], changes))
+                    finished = {}
+        except BaseException:
+            client.cancel(futures)
+            raise
 
 
 def merge_many(
@@ -336,8 +748,8 @@ def merge_many(
     """
     sets = list(change_sets)
     kinds = [kind_of(c) for c in sets]
-    if "flag" in kinds:
-        msg = "merge_many takes phenotype and genotype change sets; merge flag change sets with merge_into_store()"
+    if "flag" in kinds or "measurement" in kinds:
+        msg = "merge_many takes phenotype and genotype change sets; merge flag and measurement change sets with merge_into_store()"
         raise ValueError(msg)
     lazy = [i for i, c in enumerate(sets) if isinstance(c, dd.DataFrame)]
     if lazy:
@@ -381,6 +793,7 @@ def merge_many(
             store.check_embryos(_touched_embryos(log))
             first = next(w for w in writes if len(w))
             report.batch_id = _commit(store, label, first, log, inputs)
+            report.batch_ids = [report.batch_id]
         except BaseException:
             for op in reversed(undo_ops):
                 op()
@@ -402,7 +815,21 @@ def _combine(tables: list[pd.DataFrame], kinds: list[str]) -> pd.DataFrame:
     out = pd.concat(pieces, ignore_index=True).reindex(columns=list(columns))
     return out.astype(columns)
 
-def _commit(store: Store, kind: str, writes: pd.DataFrame, log: list[list[Any]], inputs: dict[str, Any] | None) -> str:
+def _commit(
+    store: Store,
+    kind: str,
+    writes: pd.DataFrame,
+    log: list[list[Any]],
+    inputs: dict[str, Any] | None,
+    *,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Log the batch, then save the store (an ``aborted`` line if the save fails).
+
+    *extra* adds keys to the record (``checkpoint``, a measurement batch's
+    ``author`` and ``values_timestamp``); a checkpoint's record is followed by
+    a ``saved`` marker once the store write returned.
+    """
     batch_id = changelog.new_batch_id()
     if store.path is None:
         return batch_id
@@ -415,13 +842,17 @@ def _commit(store: Store, kind: str, writes: pd.DataFrame, log: list[list[Any]],
         "store": str(store.path),
         "inputs": inputs or {},
         "changes": log,
+        **(extra or {}),
     }
+    author = record["author"]
     changelog.append_record(store.path, record)
     try:
         store.save(_locked=True, force=True, _checked=True)
     except BaseException:
         changelog.append_record(store.path, {"batch_id": batch_id, "kind": "aborted", "author": author, "timestamp": now()})
         raise
+    if extra and "checkpoint" in extra:
+        changelog.mark_saved(store.path, batch_id)
     return batch_id
 
 
@@ -514,6 +945,117 @@ def _apply_genotypes(store: Store, writes: pd.DataFrame, log: list[list[Any]], u
         embryo["genotype"] = entry
         log.append(["embryo", r["embryo_id"], "genotype", before, entry])
         undo_ops.append(lambda embryo=embryo, before=before: embryo.__setitem__("genotype", before))
+
+
+def _check_measurement_rows(writes: pd.DataFrame) -> None:
+    """Refuse measurement rows the store cannot hold, saying what, where and how to fix."""
+    if not len(writes):
+        return
+    columns = writes["column"].astype(object)
+    for col in pd.unique(columns):
+        rows = writes.loc[(columns == col).to_numpy()]
+        where = f"{len(rows)} row(s) of the change set, e.g. snip {rows['snip_id'].iloc[0]}"
+        if not isinstance(col, str) or not col.strip() or col != col.strip():
+            msg = (
+                f"measurement column {col!r} ({where}) is not a valid measurement key: it must be a non-empty "
+                "name without leading or trailing spaces; pass e.g. to_changes(..., column='area_um2')"
+            )
+            raise ValueError(msg)
+        if col in RESERVED_COLUMNS:
+            msg = (
+                f"measurement column {col!r} ({where}) collides with the snip table's own column {col!r} "
+                f"(pipeline.schema.RESERVED_COLUMNS); nothing was written. Rename it, e.g. "
+                f"to_changes(..., column={col + '_measured'!r})"
+            )
+            raise ValueError(msg)
+    new = writes["new_value"].to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = np.isinf(new)
+    if bad.any():
+        first = writes.loc[bad].iloc[0]
+        msg = (
+            f"{int(bad.sum())} measurement value(s) are infinite, which JSON cannot hold, e.g. snip "
+            f"{first['snip_id']}, column {first['column']!r}: {first['new_value']}; nothing was written. Write NaN "
+            "(null) for a value that could not be measured, or mark the row failed"
+        )
+        raise ValueError(msg)
+    missing = writes["snip_id"].isna().to_numpy()
+    if missing.any():
+        msg = (
+            f"{int(missing.sum())} measurement row(s) with status 'assigned' name no snip_id (column "
+            f"{writes.loc[missing, 'column'].iloc[0]!r}); nothing was written. Give every assigned row its snip_id, "
+            "or mark it failed"
+        )
+        raise ValueError(msg)
+
+
+def _get_measurement(snip: dict[str, Any], column: str) -> Any:
+    """A snip's measurement value, or the change log's absent markers."""
+    measures = snip.get("measurements")
+    if measures is None:
+        return changelog.ABSENT_OBJECT
+    return measures.get(column, changelog.ABSENT_KEY)
+
+
+def _set_measurement(snip: dict[str, Any], column: str, value: Any) -> None:
+    """Set (or, for an absent marker, remove) a snip's measurement value."""
+    if isinstance(value, dict):
+        measures = snip.get("measurements")
+        if measures is not None:
+            measures.pop(column, None)
+            # The object goes only if the change created it and nothing else
+            # was added to it since.
+            if not measures and value == changelog.ABSENT_OBJECT:
+                del snip["measurements"]
+        return
+    snip.setdefault("measurements", {})[column] = value
+
+
+def _apply_measurements(store: Store, writes: pd.DataFrame, log: list[list[Any]], undo_ops: list[Callable[[], None]], force: bool) -> None:
+    """Write measurement values into ``snip["measurements"][column]``."""
+    _check_measurement_rows(writes)
+    sids = writes["snip_id"].to_numpy(dtype=object)
+    emb = writes["embryo_id"].astype(object).to_numpy(dtype=object)
+    cols = writes["column"].to_numpy(dtype=object)
+    embryos = store.embryos
+    try:
+        snip_objs = [
+            embryos[e if isinstance(e, str) else ids.parse_snip_id(s).embryo_id]["snips"][s]
+            for e, s in zip(emb, sids, strict=True)
+        ]
+    except (KeyError, ValueError) as err:
+        msg = f"the measurement change set names {err} which is not in the store; was it computed from another store?"
+        raise MergeConflictError(msg) from None
+    old = writes["old_value"].to_numpy(dtype=np.float64, na_value=np.nan)
+    new = writes["new_value"].to_numpy(dtype=np.float64, na_value=np.nan)
+    if not force:
+        current = np.array(
+            [_as_number(_get_measurement(s, c)) for s, c in zip(snip_objs, cols, strict=True)], dtype=np.float64
+        )
+        stale = ~((np.isnan(current) & np.isnan(old)) | (current == old))
+        if stale.any():
+            bad = writes.loc[stale, ["snip_id", "column", "old_value"]].assign(now=current[stale])
+            first = bad.iloc[0]
+            msg = (
+                f"{int(stale.sum())} measurement(s) changed since the change set was computed (another writer?), "
+                f"e.g. {first['snip_id']} {first['column']!r}: expected {_shown(first['old_value'])}, found "
+                f"{_shown(first['now'])}. Nothing was written; recompute the change set from the store as it is now."
+            )
+            raise MergeConflictError(msg, failure_cases=bad.reset_index(drop=True))
+    for snip, sid, col, value in zip(snip_objs, sids, cols, new, strict=True):
+        before = _get_measurement(snip, col)
+        after = None if np.isnan(value) else float(value)
+        _set_measurement(snip, col, after)
+        log.append(["snip", sid, f"measurements.{col}", before, after])
+        undo_ops.append(lambda snip=snip, col=col, before=before: _set_measurement(snip, col, before))
+
+
+def _as_number(value: Any) -> float:
+    """A measurement as a float: NaN for absent or null."""
+    return np.nan if value is None or isinstance(value, dict) else float(value)
+
+
+def _shown(value: float) -> str:
+    return "no value (absent or null)" if pd.isna(value) else repr(float(value))
 
 
 def _flag_owner(store: Store, level: str, entity: str) -> tuple[dict[str, Any], str, bool]:
@@ -666,10 +1208,18 @@ def undo(store: Store, batch_id: str, *, force: bool = False, lock_timeout: floa
             raise
     table = pd.DataFrame({"status": ["assigned"] * len(log)})
     return MergeReport(batch_id=new_id, kind="undo", counts={"restored": len(log)}, n_written=len(log), overrides=0,
-                       failed=table.iloc[:0], changes=table, path=str(store.path))
+                       failed=table.iloc[:0], changes=table, path=str(store.path), batch_ids=[new_id])
 
 
 def _restore(store: Store, target: str, entity: str, fieldname: str, before: Any, after: Any, log: list[list[Any]], undo_ops: list[Callable[[], None]]) -> None:
+    if target == "snip" and fieldname.startswith("measurements."):
+        snip = store.embryos[ids.parse_snip_id(entity).embryo_id]["snips"][entity]
+        column = fieldname.split(".", 1)[1]
+        current = _get_measurement(snip, column)
+        _set_measurement(snip, column, before)
+        log.append([target, entity, fieldname, current, before])
+        undo_ops.append(lambda snip=snip, column=column, current=current: _set_measurement(snip, column, current))
+        return
     if target == "snip":
         owner = store.embryos[ids.parse_snip_id(entity).embryo_id]["snips"][entity]
         key, existed = fieldname, True
