@@ -1689,9 +1689,13 @@ def _vocabulary(store: Store | None) -> dict[str, Any]:
 
 
 def run_detectors(
-    snips: dd.DataFrame, detectors: Iterable[Any], *, store: Store | None = None
-) -> dd.DataFrame:
-    """Run detectors over a snip table; return the lazy flag change set.
+    snips: dd.DataFrame,
+    detectors: Iterable[Any],
+    *,
+    store: Store | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dd.DataFrame | pd.DataFrame:
+    """Run detectors over a snip table; return the flag change set (lazy by default).
 
     Parameters
     ----------
@@ -1704,15 +1708,22 @@ def run_detectors(
         The store *snips* came from: its vocabulary checks the flag values, and
         detectors with a ``with_store`` method (:class:`NoEmbryo`) take the
         context they need from it.
+    progress : callable, optional
+        ``progress(done, total)``: compute the change set here, calling it as
+        partitions finish, and return it computed. ``total`` is the change
+        set's partitions: one per snip partition when any detector works
+        partition by partition, plus one per reducing detector (its final
+        step); see :func:`pipeline.cluster.compute`. Default: compute nothing.
 
     Returns
     -------
-    dask.dataframe.DataFrame
+    dask.dataframe.DataFrame or pandas.DataFrame
         Columns :data:`pipeline.schema.FLAG_CHANGE_COLUMNS`: one row per hit
         (``status`` "raised", ``author`` ``auto:<name>``) and one per detector
         that raised on a partition (``status`` "failed", ``reason``
         ``"<name> failed on partition <first>..<last>: <Type>: <message>"``,
-        ``entity_id`` missing). Lazy: nothing is computed here.
+        ``entity_id`` missing). Lazy, nothing computed here, unless
+        *progress* is given: then the computed pandas DataFrame.
 
     Raises
     ------
@@ -1771,7 +1782,14 @@ def run_detectors(
                 vocabulary=vocabulary,
             )
         )
-    return outputs[0] if len(outputs) == 1 else dd.concat(outputs, ignore_index=True)
+    changes = (
+        outputs[0] if len(outputs) == 1 else dd.concat(outputs, ignore_index=True)
+    )
+    if progress is None:
+        return changes
+    from pipeline.cluster import compute
+
+    return compute(changes, progress=progress, stage="detect")
 
 
 def run_detectors_partition(
