@@ -4,13 +4,18 @@
 (CSV, XLSX or JSON with ``embryo_id``, ``phenotype``, optional ``frames``,
 ``confidence``, ``notes``); ``genotypes STORE ASSIGNMENTS --author NAME``
 assigns genotypes. Both merge in one atomic, logged batch, or only preview with
-``--dry-run``. Exit status 0 when every row applied, 1 when some failed or were
-skipped, 2 for unusable input.
+``--dry-run``. ``assign --checkpoint-every N`` instead commits the changes of
+every N finished partitions as a batch of its own: a run killed midway keeps
+them, and running the same command again (same store, assignments file
+content, options and ``--npartitions``) skips the partitions already committed.
+Exit status 0 when every row applied, 1 when some failed or were skipped, 2 for
+unusable input.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 from pathlib import Path
 
 import pandas as pd
@@ -27,6 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--on-existing", choices=("overwrite", "skip", "error"), default="overwrite",
                    help="what to do with snips that already hold another phenotype (default: %(default)s)")
     p.add_argument("--overwrite-dead", action="store_true", help="allow non-DEAD values at or after death (DEAD stays permanent)")
+    add_checkpoint_option(p)
     _common_options(p)
     p.set_defaults(run=run_assign)
 
@@ -37,6 +43,36 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-overwrite", action="store_true", help="skip embryos that already have a genotype")
     _common_options(g)
     g.set_defaults(run=run_genotypes)
+
+
+def add_checkpoint_option(p: argparse.ArgumentParser) -> None:
+    """Add ``--checkpoint-every N`` (commit every N finished partitions; re-runs resume)."""
+    p.add_argument(
+        "--checkpoint-every", type=_positive_int, metavar="N", default=None,
+        help=("commit the changes of every N finished partitions as a batch of its own, so a killed run "
+              "keeps them; running the same command again resumes after them (default: one batch at the end)"),
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        msg = f"expected a whole number of partitions, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if value < 1:
+        msg = f"must be at least 1, got {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's content: an edited input file is another run's input."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _common_options(p: argparse.ArgumentParser) -> None:
@@ -81,9 +117,10 @@ def run_assign(args: argparse.Namespace) -> int:
             overwrite_dead=args.overwrite_dead, vocabulary=store.vocabulary,
         )
         report = pipeline.merge_into_store(
-            store, changes, dry_run=args.dry_run,
+            store, changes, dry_run=args.dry_run, checkpoint_every=args.checkpoint_every,
             inputs={"command": "assign", "assignments": str(args.assignments), "on_existing": args.on_existing,
-                    "overwrite_dead": args.overwrite_dead},
+                    "overwrite_dead": args.overwrite_dead, "author": args.author, "sheet": args.sheet,
+                    "assignments_sha256": file_digest(args.assignments)},
         )
     return _finish(args, report)
 

@@ -8,6 +8,10 @@ its parameters; ``--detectors-file FILE`` adds every detector a Python file
 defines; ``--replace`` clears the flags these detectors raised earlier and no
 longer find. ``detectors`` lists the built-ins and their parameters.
 
+``--checkpoint-every N`` commits the flags of every N finished partitions as
+a batch of its own; running the same command again resumes after them (not
+with ``--replace``: clearing old flags needs every partition's new ones).
+
 Exit status as for ``assign``: 0 when everything applied, 1 when a detector
 failed on a partition (the others' flags are still merged unless
 ``--strict``), 2 for unusable input.
@@ -23,6 +27,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.cli._common import UsageError, add_runtime_options, runtime, say
+from pipeline.cli.assign import add_checkpoint_option, file_digest
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -64,6 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="OUT.csv",
         help="write the whole flag change set to this CSV file",
     )
+    add_checkpoint_option(p)
     add_runtime_options(p)
     p.set_defaults(run=run_detect)
 
@@ -125,6 +131,12 @@ def run_detect(args: argparse.Namespace) -> int:
     from pipeline.errors import MergeConflictError
     from pipeline.merge import merge_into_store
 
+    if args.checkpoint_every is not None and args.replace:
+        msg = (
+            "--replace cannot be combined with --checkpoint-every: clearing the flags a detector no longer "
+            "raises needs every partition's new flags first; run --replace without --checkpoint-every"
+        )
+        raise UsageError(msg)
     store = pipeline.read_store(args.store)
     chosen = choose_detectors(args.detector, args.detectors_file)
     say(f"detectors: {', '.join(d.name for d in chosen)}", quiet=args.quiet)
@@ -140,11 +152,18 @@ def run_detect(args: argparse.Namespace) -> int:
                 if args.replace
                 else None,
                 strict=args.strict,
+                checkpoint_every=args.checkpoint_every,
                 inputs={
                     "command": "detect",
                     "detectors": [f"{d.name}:{_params_text(d)}" for d in chosen],
                     "detectors_file": args.detectors_file,
                     "replace": args.replace,
+                    "strict": args.strict,
+                    **(
+                        {"detectors_file_sha256": file_digest(args.detectors_file)}
+                        if args.detectors_file
+                        else {}
+                    ),
                 },
             )
         except MergeConflictError as err:
