@@ -22,13 +22,16 @@ and written:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Iterator, Mapping
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import dask.dataframe as dd
+import numpy as np
 import orjson
 import pandas as pd
 
@@ -59,6 +62,7 @@ __all__ = [
     "unshard_store",
     "is_sharded",
     "sharded_snips",
+    "apply_sharded",
     "JOURNAL",
 ]
 
@@ -79,6 +83,61 @@ def is_sharded(path: str | os.PathLike[str]) -> bool:
 
 def _digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _load_shard(
+    path: Path, experiment: str, top: dict[str, Any], vocab: dict[str, Any]
+) -> dict[str, Any]:
+    """Parse and check one shard file; return its embryos.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The shard file.
+    experiment : str
+        The experiment it must hold.
+    top : dict
+        The store's top-level parts (the index without ``shards``).
+    vocab : dict
+        The vocabulary in force.
+
+    Returns
+    -------
+    dict
+        The shard's ``embryos`` object.
+
+    Raises
+    ------
+    StoreFormatError
+        If the file is not a valid shard of *experiment*.
+    """
+    doc = _parse_json(path.read_bytes(), str(path))
+    problems: list[tuple[str, str]] = []
+    # The shape with the schema checker; the embryos with the columnar
+    # checks the single-file reader and the workers use (the schema
+    # checker runs only on embryos they find malformed). The schema
+    # checker over every snip took ~6x longer and made loading shards
+    # most of a merge's time (benchmarks/RESULTS.md, issue 9).
+    shape = (
+        {k: ({} if k == "embryos" and isinstance(v, dict) else v) for k, v in doc.items()}
+        if isinstance(doc, dict)
+        else doc
+    )
+    check(shape, store_schema()["$defs"]["shard"], (), problems)
+    if not problems:
+        with paused_gc():
+            problems = list(build_tables({**top, "embryos": doc["embryos"]}, vocab).problems)
+    if problems:
+        raise StoreFormatError(
+            _format_problems(problems, str(path)),
+            problems=problems,
+            path=str(path),
+        )
+    wrong = [e for e in doc["embryos"] if not e.startswith(experiment + "_")]
+    if wrong:
+        msg = f"{path}: embryo(s) {wrong[:3]} do not belong to experiment {experiment!r}; move them to their own shard"
+        raise StoreFormatError(msg, path=str(path))
+    return doc["embryos"]
 
 
 class _LazyEmbryos(Mapping[str, Any]):
@@ -150,39 +209,9 @@ class ShardedStore(Store):
         """The embryos of one experiment (parsed and checked on first access)."""
         if experiment not in self._loaded:
             path = self.shard_path(experiment)
-            data = path.read_bytes()
-            doc = _parse_json(data, str(path))
-            problems: list[tuple[str, str]] = []
-            # The shape with the schema checker; the embryos with the columnar
-            # checks the single-file reader and the workers use (the schema
-            # checker runs only on embryos they find malformed). The schema
-            # checker over every snip took ~6x longer and made loading shards
-            # most of a merge's time (benchmarks/RESULTS.md, issue 9).
-            shape = (
-                {k: ({} if k == "embryos" and isinstance(v, dict) else v) for k, v in doc.items()}
-                if isinstance(doc, dict)
-                else doc
-            )
-            check(shape, store_schema()["$defs"]["shard"], (), problems)
-            if not problems:
-                with paused_gc():
-                    problems = list(
-                        build_tables({**_top(self), "embryos": doc["embryos"]}, self.vocabulary).problems
-                    )
-            if problems:
-                raise StoreFormatError(
-                    _format_problems(problems, str(path)),
-                    problems=problems,
-                    path=str(path),
-                )
-            wrong = [e for e in doc["embryos"] if not e.startswith(experiment + "_")]
-            if wrong:
-                msg = f"{path}: embryo(s) {wrong[:3]} do not belong to experiment {experiment!r}; move them to their own shard"
-                raise StoreFormatError(msg, path=str(path))
-            self._loaded[experiment] = doc["embryos"]
-            self._digests[experiment] = _digest(
-                orjson.dumps(doc["embryos"], option=_DUMP)
-            )
+            embryos = _load_shard(path, experiment, _top(self), self.vocabulary)
+            self._loaded[experiment] = embryos
+            self._digests[experiment] = _digest(orjson.dumps(embryos, option=_DUMP))
             self._shard_fp[experiment] = _fingerprint(path)
         return self._loaded[experiment]
 
@@ -203,6 +232,50 @@ class ShardedStore(Store):
     def counts(self) -> dict[str, int]:
         """Numbers of experiments, videos, embryos and snips (loads every shard)."""
         return Store.counts(self)
+
+    def video_ids(self, client: Any = None) -> tuple[str, ...]:
+        """The videos the store lists, without holding every shard in this process.
+
+        Parameters
+        ----------
+        client : distributed.Client, optional
+            Where to read the shards; default the active client
+            (:func:`pipeline.cluster.get_client`). With none, shards are read
+            here one at a time and not kept.
+
+        Returns
+        -------
+        tuple of str
+            Sorted: the index's video flags' keys and the videos of every
+            shard's embryos (shards already loaded are read from memory).
+
+        Raises
+        ------
+        StoreFormatError
+            If a shard file is not JSON or an embryo has no ``source.video_id``.
+
+        Notes
+        -----
+        Triggers computation: parses every shard not already loaded.
+        """
+        from pipeline.cluster import _cluster_failures, _span, get_client
+
+        videos = set(self.index.get("flags", {}).get("video", {}))
+        for embryos in self._loaded.values():
+            videos.update(e["source"]["video_id"] for e in embryos.values())
+        paths = [
+            str(self.shard_path(e).resolve()) for e in self.shards if e not in self._loaded
+        ]
+        found = get_client(client)
+        if found is None:
+            for path in paths:
+                videos.update(_shard_videos(path))
+        elif paths:
+            futures = found.map(_shard_videos, paths, pure=False, key=[f"videos-{uuid.uuid4().hex}-{i}" for i in range(len(paths))])
+            with _span("videos"), _cluster_failures():
+                for part in found.gather(futures):
+                    videos.update(part)
+        return tuple(sorted(videos))
 
     def changed_on_disk(self) -> bool:
         """Whether the index or any loaded shard was replaced by another writer."""
@@ -313,7 +386,7 @@ def _write_new(target: Path, data: bytes) -> Path:
 
 def journaled_write(
     root: Path,
-    files: dict[Path, bytes],
+    files: Mapping[Path, bytes | None],
     *,
     backups: int = 5,
     _crash_after: int | None = None,
@@ -324,8 +397,9 @@ def journaled_write(
     ----------
     root : pathlib.Path
         The store's folder (where the journal lives).
-    files : dict of pathlib.Path to bytes
-        New content per file.
+    files : mapping of pathlib.Path to bytes or None
+        New content per file; None when its ``<file>.new`` is already written
+        and durable (as :func:`apply_sharded`'s tasks leave it).
     backups : int, default 5
         Backups kept of each replaced file.
     _crash_after : int, optional
@@ -333,7 +407,8 @@ def journaled_write(
         replacing this many files; -1 ends it before the journal is written.
     """
     for target, data in files.items():
-        _write_new(target, data)
+        if data is not None:
+            _write_new(target, data)
     if _crash_after == -1:
         os._exit(9)
     journal = {"files": [str(p.relative_to(root)) for p in files], "timestamp": now()}
@@ -607,11 +682,11 @@ def sharded_snips(
         {**SNIP_COLUMNS, **dict.fromkeys(sorted(measurements), "float64")},
         index="snip_id",
     )
-    for a in experiments:
-        for b in experiments:
-            if a != b and b.startswith(a + "_"):
-                msg = f"experiments {a!r} and {b!r}: one experiment id extends another, which a sharded snip table cannot order; keep them in a single-file store"
-                raise StoreFormatError(msg, path=str(store.root))
+    clash = _extending_pair(experiments)
+    if clash is not None:
+        a, b = clash
+        msg = f"experiments {a!r} and {b!r}: one experiment id extends another, which a sharded snip table cannot order; keep them in a single-file store"
+        raise StoreFormatError(msg, path=str(store.root))
     # Every snip id of experiment E starts with "E_", so "E_" bounds its shard
     # from below and the next experiment's prefix from above.
     divisions = (
@@ -631,5 +706,437 @@ def sharded_snips(
     )
 
 
+def _extending_pair(experiments: list[str]) -> tuple[str, str] | None:
+    """The first ``(a, b)`` (in sorted order) where id *b* starts with ``a + "_"``.
+
+    Each id's ``_``-prefixes are looked up in a set: linear in the ids (times
+    their underscores), where comparing every pair was quadratic.
+    """
+    known = set(experiments)
+    pairs = [
+        (b[:i], b)
+        for b in experiments
+        for i, char in enumerate(b)
+        if char == "_" and b[:i] in known
+    ]
+    return min(pairs) if pairs else None
+
+
 def _top(store: ShardedStore) -> dict[str, Any]:
     return {k: v for k, v in store.index.items() if k not in ("shards",)}
+
+
+def _shard_videos(path: str) -> list[str]:
+    """The video ids of one shard's embryos (runs on a worker)."""
+    doc = _parse_json(Path(path).read_bytes(), path)
+    try:
+        return list({e["source"]["video_id"] for e in doc["embryos"].values()})
+    except (KeyError, TypeError, AttributeError):
+        msg = f"{path}: expected {{'embryos': {{...}}}} with a source.video_id per embryo; check the store with validate"
+        raise StoreFormatError(msg, path=path) from None
+
+
+# ------------------------------------------------------- merging per shard
+_TOP_LEVELS = ("experiment", "video", "image")
+
+
+def _staged(target: Path, token: str) -> Path:
+    """Where a task writes a shard's new content before the client commits it."""
+    return target.with_name(f"{target.name}.{token}.new")
+
+
+def _restamp(log: list[list[Any]], stamp: str) -> None:
+    """Give the flag entries a batch created (not the ones it kept) the batch's time."""
+    for target, _entity, _field, before, after in log:
+        if target != "flags" or not after:
+            continue
+        kept = {id(f) for f in before or ()}
+        for entry in after:
+            if id(entry) not in kept:
+                entry["timestamp"] = stamp
+
+
+def _merge_shard(
+    root: str,
+    rel: str,
+    experiment: str,
+    top: dict[str, Any],
+    vocab: dict[str, Any],
+    kind: str,
+    part: pd.DataFrame,
+    replace: list[str],
+    force: bool,
+    stamp: str,
+    token: str,
+) -> dict[str, Any]:
+    """Apply one shard's slice of a batch and stage its new file (runs on a worker).
+
+    Parameters
+    ----------
+    root : str
+        The store's folder (absolute).
+    rel : str
+        The shard's path inside it.
+    experiment : str
+        The shard's experiment.
+    top : dict
+        The index without ``shards`` (to check the shard as it is loaded).
+    vocab : dict
+        The vocabulary in force.
+    kind : str
+        ``phenotype``, ``genotype`` or ``flag``.
+    part : pandas.DataFrame
+        The rows of the change set that fall in this shard, in batch order.
+    replace : list of str
+        Flag batches: authors whose earlier flags are cleared.
+    force : bool
+        Skip the stale-value checks.
+    stamp : str
+        The batch's time, given to the flag entries it creates.
+    token : str
+        The batch's token: the new file is ``<shard>.<token>.new``.
+
+    Returns
+    -------
+    dict
+        ``experiment``, ``log`` (the change-log entries, in the order
+        :mod:`pipeline.merge` makes them) and ``staged`` (the path written,
+        or None when the shard did not change).
+
+    Raises
+    ------
+    MergeConflictError
+        If a value changed since the change set was computed (and not
+        *force*), or a flag row breaks the vocabulary.
+    StoreFormatError
+        If the shard on disk, or the touched embryos after the batch, break
+        the contract.
+    """
+    from pipeline import merge
+
+    path = Path(root) / rel
+    embryos = _load_shard(path, experiment, top, vocab)
+    before = _digest(orjson.dumps({"embryos": embryos}, option=_DUMP))
+    # A one-shard store: the index's parts, no top-level flags (the client
+    # applies those), and this shard's embryos.
+    doc = {k: v for k, v in top.items() if k != "flags"}
+    doc["flags"] = {level: {} for level in _TOP_LEVELS}
+    doc["embryos"] = embryos
+    one = Store(doc, validate=False)
+    log: list[list[Any]] = []
+    undo_ops: list[Any] = []
+    if kind == "phenotype":
+        merge._apply_phenotypes(one, part, log, undo_ops, force)
+    elif kind == "genotype":
+        merge._apply_genotypes(one, part, log, undo_ops, force)
+    else:
+        merge._apply_flags(one, part, replace, log, undo_ops)
+        _restamp(log, stamp)
+    staged = None
+    if log:
+        if kind != "flag":
+            # Flag entries are checked as they are built (as merge does).
+            one.check_embryos(merge._touched_embryos(log))
+        data = orjson.dumps({"embryos": embryos}, option=_DUMP)
+        if _digest(data) != before:
+            target = _staged(path, token)
+            atomic_write_bytes(target, data, backups=0)
+            staged = str(target)
+    return {"experiment": experiment, "log": log, "staged": staged}
+
+
+def _not_in_store(entity: str) -> MergeConflictError:
+    msg = f"the change set names {entity!r} which is not in the store; was it computed from another store?"
+    return MergeConflictError(msg)
+
+
+def _route(store: ShardedStore, kind: str, writes: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the rank of its shard in the index (-1: the index itself), and its entity key."""
+    if kind == "flag":
+        keys = (writes["level"].astype(str) + "\x00" + writes["entity_id"].astype(str)).to_numpy(dtype=object)
+    else:
+        keys = writes["embryo_id"].astype(str).to_numpy(dtype=object)
+    codes, uniques = pd.factorize(keys)
+    rank = {e: i for i, e in enumerate(store.shards)}
+    where = np.empty(len(uniques), dtype=np.int64)
+    for i, key in enumerate(uniques):
+        level, _, entity = key.rpartition("\x00") if kind == "flag" else ("embryo", "", key)
+        if level not in ("snip", "embryo"):
+            where[i] = -1  # top-level flags (and unknown levels: merge reports those)
+            continue
+        try:
+            experiment = (
+                ids.parse_snip_id(entity).experiment_id if level == "snip" else ids.parse_embryo_id(entity)[0]
+            )
+        except ValueError:
+            raise _not_in_store(entity) from None
+        if experiment not in rank:
+            raise _not_in_store(entity)
+        where[i] = rank[experiment]
+    return where[codes], keys
+
+
+def _unsaved_shards(store: ShardedStore) -> list[str]:
+    """Loaded shards whose embryos were edited in memory and not saved."""
+    return [
+        exp
+        for exp, embryos in store._loaded.items()
+        if _digest(orjson.dumps(embryos, option=_DUMP)) != store._digests[exp]
+    ]
+
+
+def _forget_shards(store: ShardedStore) -> None:
+    """Drop the loaded shards and cached tables; note the index on disk."""
+    store._loaded, store._digests, store._shard_fp, store._tables = {}, {}, {}, None
+    store._fingerprint = _fingerprint(store.path)
+
+
+def _discard(root: Path, token: str, targets: Iterable[Path] = ()) -> None:
+    """Remove a batch's staged files (and the ``.new`` files of *targets*)."""
+    for path in [*root.glob(f"*.{token}.new"), *root.glob(f"experiments/*.{token}.new")]:
+        path.unlink(missing_ok=True)
+    for target in targets:
+        target.with_name(target.name + ".new").unlink(missing_ok=True)
+    if (root / "experiments").is_dir():
+        fsync_dir(root / "experiments")
+
+
+def _run_local(calls: list[tuple[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Run the shard tasks here, one at a time (one shard in memory at once)."""
+    return {exp: _merge_shard(*make()) for exp, make in calls}
+
+
+def _run_on_cluster(client: Any, calls: list[tuple[str, Any]], token: str) -> dict[str, dict[str, Any]]:
+    """Run the shard tasks on the workers; raise the first failure (in index order)."""
+    from distributed import wait
+
+    from pipeline.cluster import _cluster_failures, _span
+
+    futures: dict[str, Any] = {}
+    try:
+        with _span("merge"), _cluster_failures():
+            for i, (exp, make) in enumerate(calls):
+                futures[exp] = client.submit(_merge_shard, *make(), key=f"merge-shard-{token}-{i}", pure=False)
+            # Every task finishes before anything is decided: none may still
+            # be writing when the client cleans up after a failure.
+            wait(list(futures.values()))
+            for future in futures.values():
+                if future.status != "finished":
+                    future.result()
+            return {exp: f.result() for exp, f in futures.items()}
+    except BaseException:
+        client.cancel(list(futures.values()))
+        raise
+
+
+def apply_sharded(
+    store: ShardedStore,
+    kind: str,
+    writes: pd.DataFrame,
+    *,
+    replace: Iterable[str] = (),
+    force: bool = False,
+    inputs: dict[str, Any] | None = None,
+    backups: int = 5,
+    client: Any = None,
+) -> tuple[str | None, int]:
+    """Merge one batch into a sharded store shard by shard, all-or-nothing.
+
+    What :func:`pipeline.merge_into_store` does under the lock, without
+    loading the touched shards in this process: each shard gets its slice of
+    *writes* in a task that loads the shard as it is on disk, applies the
+    slice (the stale-value checks included), checks the touched embryos,
+    writes its new content beside it and returns its change-log entries.
+    Tasks run on the workers of the active ``distributed`` client, else here
+    one after the other (memory: one shard plus the change set). Flags on
+    experiments, videos and images live in ``store.json`` and are applied
+    here. Then the change-log record is appended (the same record as
+    :func:`pipeline.merge.merge_into_store` writes, entries in the same
+    order) and the files are committed with :func:`journaled_write`.
+
+    Parameters
+    ----------
+    store : ShardedStore
+        The store, its lock held by the caller (``store.locked()``).
+    kind : str
+        ``phenotype``, ``genotype`` or ``flag``.
+    writes : pandas.DataFrame
+        The rows to write: those of the change set with status ``assigned``
+        or ``backfilled`` (``raised`` for flags).
+    replace : iterable of str, optional
+        Flag batches: first clear the flags these authors raised earlier and
+        that the batch does not raise again (every shard is visited).
+    force : bool, default False
+        Write even where a value changed since the change set was computed.
+    inputs : dict, optional
+        What produced the batch, recorded in the change log.
+    backups : int, default 5
+        Backups kept of each replaced file.
+    client : distributed.Client, optional
+        Where the tasks run; default the active client
+        (:func:`pipeline.cluster.get_client`), else this process.
+
+    Returns
+    -------
+    batch_id : str or None
+        The batch in the change log; None when nothing changed.
+    n_entries : int
+        Change-log entries of the batch (a flag merge reports them as the
+        values written).
+
+    Raises
+    ------
+    MergeConflictError
+        If a value changed since the change set was computed (and not
+        *force*), a flag row breaks the vocabulary, the change set names an
+        embryo the store does not have, or a loaded shard has unsaved edits.
+    StoreFormatError
+        If a shard on disk, or an embryo after the batch, breaks the contract.
+
+    Notes
+    -----
+    On any failure before the commit point, every staged file is removed:
+    every shard and ``store.json`` stay byte-identical and the in-memory
+    index is restored. A process killed at any point leaves a store that
+    opens to the old or the new state of the whole batch (:func:`recover`).
+    Afterwards the store holds no loaded shard; the index is the one written.
+    The order of the change-log entries is that of the in-client merge.
+    """
+    from pipeline import changelog, merge
+    from pipeline.cluster import get_client
+
+    if kind not in ("phenotype", "genotype", "flag"):
+        msg = f"kind must be 'phenotype', 'genotype' or 'flag', got {kind!r}"
+        raise ValueError(msg)
+    replace = sorted(set(replace or ()))
+    if store.changed_on_disk():
+        store.reload()
+    unsaved = _unsaved_shards(store)
+    if unsaved:
+        msg = (
+            f"experiment(s) {unsaved[:3]} of {str(store.root)!r} were edited in memory and not saved; "
+            "a batch merge reads the shards from disk: save() those edits first, or read the store again"
+        )
+        raise MergeConflictError(msg)
+    shard_of, keys = _route(store, kind, writes)
+    n = len(writes)
+    order = list(store.shards)
+    by_rank = np.argsort(shard_of, kind="stable")
+    bounds = np.searchsorted(shard_of[by_rank], np.arange(-1, len(order) + 1))
+    positions = {
+        exp: by_rank[bounds[i + 1] : bounds[i + 2]] for i, exp in enumerate(order) if bounds[i + 2] > bounds[i + 1]
+    }
+    top_pos = by_rank[bounds[0] : bounds[1]]
+    visit = order if kind == "flag" and replace else [e for e in order if e in positions]
+    stamp = now()
+    token = uuid.uuid4().hex
+    root = store.root
+    top = _top(store)
+    vocab = store.vocabulary
+    empty = writes.iloc[:0]
+
+    def call(exp: str) -> Any:
+        pos = positions.get(exp)
+        return lambda: (
+            str(root.resolve()), store.shards[exp], exp, top, vocab, kind,
+            empty if pos is None else writes.iloc[pos], replace, force, stamp, token,
+        )
+
+    top_log: list[list[Any]] = []
+    top_undo: list[Any] = []
+
+    def restore_index() -> None:
+        for op in reversed(top_undo):
+            op()
+
+    try:
+        if kind == "flag" and (len(top_pos) or replace):
+            doc = {k: v for k, v in store.index.items() if k != "shards"}
+            doc["embryos"] = {}
+            merge._apply_flags(Store(doc, validate=False), writes.iloc[top_pos], replace, top_log, top_undo)
+            _restamp(top_log, stamp)
+        found = get_client(client)
+        calls = [(exp, call(exp)) for exp in visit]
+        results = _run_local(calls) if found is None else _run_on_cluster(found, calls, token)
+    except BaseException:
+        _discard(root, token)
+        restore_index()
+        raise
+
+    # The change-log entries in the order the in-client merge makes them.
+    if kind == "phenotype":
+        emb = writes["embryo_id"].to_numpy(dtype=object)
+        first = ~pd.Series(emb).duplicated().to_numpy()
+        first_of = dict(zip(emb[first], np.flatnonzero(first) + n, strict=True))
+    else:
+        first = ~pd.Series(keys).duplicated().to_numpy()
+        first_of = dict(zip(keys[first], np.flatnonzero(first), strict=True))
+    keyed: list[tuple[int, list[Any]]] = []
+    extra = 2 * n
+    for exp, entries in [(None, top_log), *((e, results[e]["log"]) for e in visit)]:
+        pos = positions.get(exp) if exp is not None else None
+        for j, entry in enumerate(entries):
+            if kind == "flag":
+                level, _, entity = entry[1].partition(":")
+                k = first_of.get(f"{level}\x00{entity}")
+                if k is None:  # found through replace: after the batch's own rows
+                    k, extra = extra, extra + 1
+            elif j < len(pos):
+                k = pos[j]
+            else:  # death_frame, after every snip entry
+                k = first_of[entry[1]]
+            keyed.append((int(k), entry))
+    keyed.sort(key=lambda t: t[0])
+    log = [entry for _, entry in keyed]
+    staged = [(store.shard_path(exp), Path(results[exp]["staged"])) for exp in visit if results[exp]["staged"]]
+    if not log:
+        _discard(root, token)
+        restore_index()
+        return None, 0
+
+    batch_id = changelog.new_batch_id()
+    author = str(writes["author"].iloc[0]) if len(writes) and "author" in writes else ""
+    record = {
+        "batch_id": batch_id,
+        "kind": kind,
+        "author": author,
+        "timestamp": now(),
+        "store": str(store.path),
+        "inputs": inputs or {},
+        "changes": log,
+    }
+    file_info = store.index["file_info"]
+    updated = file_info.get("last_updated")
+    try:
+        changelog.append_record(store.path, record)
+    except BaseException:
+        _discard(root, token)
+        restore_index()
+        raise
+    try:
+        for target, path in staged:
+            os.replace(path, target.with_name(target.name + ".new"))
+        if staged:
+            fsync_dir(root / "experiments")
+        file_info["last_updated"] = now()
+        files: dict[Path, bytes | None] = {target: None for target, _ in staged}
+        files[store.path] = store.to_bytes()
+        journaled_write(root, files, backups=backups)
+    except BaseException as err:
+        if (root / JOURNAL).exists():
+            # Past the commit point: finish now, or the next open will.
+            with contextlib.suppress(Exception):
+                recover(root)
+            _forget_shards(store)
+            if (root / JOURNAL).exists() or not isinstance(err, Exception):
+                raise
+        else:
+            _discard(root, token, [t for t, _ in staged] + [store.path])
+            file_info["last_updated"] = updated
+            restore_index()
+            changelog.append_record(
+                store.path, {"batch_id": batch_id, "kind": "aborted", "author": author, "timestamp": now()}
+            )
+            raise
+    _forget_shards(store)
+    return batch_id, len(log)

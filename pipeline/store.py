@@ -242,6 +242,24 @@ class Store:
             "snips": len(table),
         }
 
+    def video_ids(self) -> tuple[str, ...]:
+        """The videos the store lists: its video flags' keys and its embryos' videos.
+
+        Returns
+        -------
+        tuple of str
+            Sorted video ids, including videos without snips or embryos.
+
+        Examples
+        --------
+        >>> from pipeline.testing import make_store
+        >>> make_store(n_experiments=1, n_embryos=2, n_frames=3, seed=0).video_ids()[:1]
+        ('20240102_A01',)
+        """
+        videos = set(self.doc.get("flags", {}).get("video", {}))
+        videos.update(e["source"]["video_id"] for e in self.embryos.values())
+        return tuple(sorted(videos))
+
     # ----------------------------------------------------------- primitives
     def _canonical(self, value: str, choices: list[str] | set[str] | dict[str, Any], what: str) -> str:
         if not isinstance(value, str) or not value.strip():
