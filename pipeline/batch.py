@@ -418,7 +418,9 @@ def _measurement_part(
     values = ok["value"]
     if pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype):
         new = values.to_numpy(dtype=np.float64, na_value=np.nan)
-        problems: list[str | None] = [None if np.isfinite(v) or np.isnan(v) else f"{v!r} is not a finite number (the store holds JSON numbers)" for v in new]
+        problems: list[str | None] = [
+            None if np.isfinite(v) or np.isnan(v) else f"{float(v)!r} is not a finite number (the store holds JSON numbers)" for v in new
+        ]
         new = np.where(np.isinf(new), np.nan, new)
     else:
         parsed = [_as_number(v) for v in values.to_numpy(dtype=object)]

@@ -234,3 +234,20 @@ def test_measurement_merges_into_the_store(tmp_path) -> None:
     snips = pipeline.snips_from_store(again, npartitions=2)
     rerun = to_changes(map_snips(snips, scaled_area, meta="float64"), "measurement", column="area_mm2", author="me", snips=snips)
     assert set(rerun.compute(scheduler="sync")["status"]) == {"unchanged"}
+
+
+def inf_for_frame_two(part: pd.DataFrame) -> pd.Series:
+    return (part["area_um2"] / 1e6).where(part["frame"] != 2, np.inf)
+
+
+def test_measurement_infinite_float_values_fail(store: pipeline.Store) -> None:
+    table = store.snip_table()
+    result = map_snips_partition(table, inf_for_frame_two, value_dtype="float64")
+    changes = to_changes(result, "measurement", column="area_mm2", author="me", snips=table)
+    check_columns(changes)
+    by_id = changes.set_index("snip_id")
+    two = table.index[table["frame"] == 2]
+    assert len(two)
+    assert (by_id.loc[two, "status"] == "failed").all()
+    assert by_id.loc[two[0], "reason"] == f"snip {two[0]}: value inf is not a finite number (the store holds JSON numbers); a measurement must be a real number"
+    assert (by_id.drop(index=two)["status"] == "assigned").all()
