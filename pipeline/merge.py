@@ -510,10 +510,8 @@ def _merge_checkpointed(
     lazy = isinstance(changes, dd.DataFrame)
     nparts = changes.npartitions if lazy else 1
     key = run_key or run_key_of(kind, inputs or {}, nparts)
-    if store.changed_on_disk():
-        store.reload()
     notes: list[str] = []
-    done = _resumable(store, key, kind, nparts, notes)
+    done = _resumable(store, key, kind, nparts, notes, lock_timeout)
     todo = [i for i in range(nparts) if i not in done]
     pieces: dict[int, pd.DataFrame] = {}
     batch_ids: list[str] = []
@@ -574,19 +572,32 @@ def _concat(tables: list[pd.DataFrame], changes: pd.DataFrame | dd.DataFrame) ->
     return pd.concat(tables, ignore_index=True)
 
 
-def _resumable(store: Store, key: str, kind: str, nparts: int, notes: list[str]) -> set[int]:
+def _resumable(store: Store, key: str, kind: str, nparts: int, notes: list[str], lock_timeout: float) -> set[int]:
     """Partitions an earlier run under *key* committed and the store holds."""
     done: set[int] = set()
     ignored = 0
-    for record, saved in changelog.run_checkpoints(store.path, key):
-        checkpoint = record["checkpoint"]
-        if record.get("kind") != kind or checkpoint.get("npartitions") != nparts:
-            ignored += 1
-            continue
-        # Without the "saved" marker the process may have died between the
-        # log line and the store write: trust the store's values.
-        if saved or _holds(store, record.get("changes", [])):
-            done.update(int(i) for i in checkpoint.get("partitions", []) if 0 <= int(i) < nparts)
+    # Under the lock: a checkpoint another process is committing right now is
+    # judged only once its store write is done.
+    with store.locked(lock_timeout):
+        if store.changed_on_disk():
+            store.reload()
+        for record, saved in changelog.run_checkpoints(store.path, key):
+            checkpoint = record["checkpoint"]
+            if record.get("kind") != kind or checkpoint.get("npartitions") != nparts:
+                ignored += 1
+                continue
+            changes = record.get("changes", [])
+            # Without the "saved" marker the process may have died between the
+            # log line and the store write: trust the store's values.
+            if saved or _holds(store, changes, after=True):
+                done.update(int(i) for i in checkpoint.get("partitions", []) if 0 <= int(i) < nparts)
+            elif _holds(store, changes, after=False):
+                # Logged, never written: say so in the log, so that neither
+                # undo nor read_changelog takes it for a batch of the store.
+                changelog.append_record(store.path, {
+                    "batch_id": record["batch_id"], "kind": "aborted", "author": record.get("author", ""),
+                    "timestamp": now(), "reason": "checkpoint logged but its store write never happened (killed?)",
+                })
     if ignored:
         notes.append(
             f"{ignored} checkpoint(s) of run {key} were for another kind or number of partitions and were not "
@@ -595,11 +606,11 @@ def _resumable(store: Store, key: str, kind: str, nparts: int, notes: list[str])
     return done
 
 
-def _holds(store: Store, changes: list[list[Any]]) -> bool:
-    """Whether the store holds every ``after`` value of a batch's changes."""
-    for target, entity, fieldname, _before, after in changes:
+def _holds(store: Store, changes: list[list[Any]], *, after: bool) -> bool:
+    """Whether the store holds every ``after`` (or every ``before``) value of a batch's changes."""
+    for target, entity, fieldname, before, new in changes:
         try:
-            if _current_value(store, target, entity, fieldname) != after:
+            if _current_value(store, target, entity, fieldname) != (new if after else before):
                 return False
         except (KeyError, ValueError):
             return False
@@ -953,12 +964,13 @@ def _check_measurement_rows(writes: pd.DataFrame) -> None:
         return
     columns = writes["column"].astype(object)
     for col in pd.unique(columns):
-        rows = writes.loc[(columns == col).to_numpy()]
+        same = columns.isna() if col is None or col is pd.NA else (columns == col).fillna(False)
+        rows = writes.loc[same.to_numpy(dtype=bool)]
         where = f"{len(rows)} row(s) of the change set, e.g. snip {rows['snip_id'].iloc[0]}"
-        if not isinstance(col, str) or not col.strip() or col != col.strip():
+        if not isinstance(col, str) or not col.strip():
             msg = (
-                f"measurement column {col!r} ({where}) is not a valid measurement key: it must be a non-empty "
-                "name without leading or trailing spaces; pass e.g. to_changes(..., column='area_um2')"
+                f"measurement column {col!r} ({where}) is not a valid measurement key: it must be a non-empty, "
+                "non-blank name; nothing was written. Pass e.g. to_changes(..., column='area_um2')"
             )
             raise ValueError(msg)
         if col in RESERVED_COLUMNS:
