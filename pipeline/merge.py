@@ -226,13 +226,13 @@ def _make_report(kind: str, table: pd.DataFrame, store: Store, dry_run: bool) ->
     )
 
 
-def _strict_error(failed: pd.DataFrame, committed: list[str] | None = None) -> MergeConflictError:
+def _strict_error(failed: pd.DataFrame, committed: int = 0) -> MergeConflictError:
     msg = f"{len(failed)} detector failure(s) and strict=True: nothing written. First: {failed['reason'].iloc[0]}"
     if committed:
         msg = (
             f"{len(failed)} detector failure(s) and strict=True: the failing checkpoint was not written; the "
-            f"{len(committed)} checkpoint(s) committed before it stay (last {committed[-1]}), and re-running "
-            f"the same command resumes after them. First: {failed['reason'].iloc[0]}"
+            f"{committed} checkpoint(s) committed before it stay, and re-running the same command resumes "
+            f"after them. First: {failed['reason'].iloc[0]}"
         )
     return MergeConflictError(msg, failure_cases=failed.reset_index(drop=True))
 
@@ -516,14 +516,15 @@ def _merge_checkpointed(
     pieces: dict[int, pd.DataFrame] = {}
     batch_ids: list[str] = []
     n_written = 0
+    committed = 0
 
     def commit(partitions: list[int], table: pd.DataFrame) -> None:
-        nonlocal n_written
+        nonlocal n_written, committed
         pieces[min(partitions)] = table
         if kind == "flag" and strict:
             failed = table.loc[table["status"] == "failed"]
             if len(failed):
-                raise _strict_error(failed, batch_ids)
+                raise _strict_error(failed, committed)
         writes = _writes(kind, table)
         if kind == "measurement":
             _check_measurement_rows(writes)
@@ -532,6 +533,7 @@ def _merge_checkpointed(
         checkpoint = {"run": key, "partitions": sorted(partitions), "npartitions": nparts}
         batch_id, n = _write_batch(store, kind, writes, [], force, inputs, lock_timeout, notes, checkpoint)
         n_written += n
+        committed += 1
         if batch_id is not None:
             batch_ids.append(batch_id)
 
