@@ -5,12 +5,16 @@ missing, 60% of embryos dead) and 20,000 assignment rows with mixed specs,
 then times, side by side in one run:
 
 - ``expand_ranges(part, rows)``: the vectorised core (best of ``--repeat``);
-- a Python loop calling ``select_positions`` once per row. The loop gets each
-  embryo's block (start, length, death frame) and the snip-id array from
-  lookups built *outside* the timed region, which favours the loop.
+- a Python loop calling ``select_positions`` once per row (best of
+  ``--loop-repeat``). Like ``expand_ranges``, the loop is a function of
+  ``(part, rows)``: it builds its per-embryo lookups (block start, length,
+  death frame) inside the timed region, as cheaply as pandas allows.
 
-Both produce the same (row, pos) pairs; the script checks that, then prints
-the timings and the ratio.
+The two are interleaved (one loop run between vectorised runs, while loop
+runs remain), so that both see the same load on a shared machine; the ratio of
+the two best times is the figure to read. Both produce the same (row, pos)
+pairs; the script checks that, then prints the timings, the ratio and the
+load average.
 
     /work/venv/bin/python benchmarks/bench_ranges.py
 """
@@ -18,6 +22,7 @@ the timings and the ratio.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 
@@ -180,7 +185,8 @@ def main() -> None:
     parser.add_argument("--embryos", type=int, default=20_000)
     parser.add_argument("--frames", type=int, default=50)
     parser.add_argument("--rows", type=int, default=20_000)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--loop-repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--diverse",
@@ -204,19 +210,17 @@ def main() -> None:
         f"({time.perf_counter() - t0:.1f} s)"
     )
 
-    vector_times = []
-    for _ in range(args.repeat):
-        t0 = time.perf_counter()
-        pairs, outcomes = expand_ranges(part, rows)
-        vector_times.append(time.perf_counter() - t0)
-    vector = min(vector_times)
-
-    loop_times = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        expected = loop_select(part, rows)
-        loop_times.append(time.perf_counter() - t0)
-    loop = min(loop_times)
+    vector_times, loop_times = [], []
+    for i in range(max(args.repeat, args.loop_repeat)):
+        if i < args.repeat:
+            t0 = time.perf_counter()
+            pairs, outcomes = expand_ranges(part, rows)
+            vector_times.append(time.perf_counter() - t0)
+        if i < args.loop_repeat:
+            t0 = time.perf_counter()
+            expected = loop_select(part, rows)
+            loop_times.append(time.perf_counter() - t0)
+    vector, loop = min(vector_times), min(loop_times)
 
     pd.testing.assert_frame_equal(pairs.reset_index(drop=True), expected)
     counts = outcomes["reason"].value_counts().to_dict()
@@ -225,11 +229,13 @@ def main() -> None:
         f"expand_ranges (vectorised, best of {args.repeat}): {vector * 1e3:8.1f} ms  (all: {', '.join(f'{t * 1e3:.1f}' for t in vector_times)})"
     )
     print(
-        f"select_positions loop (best of 2):         {loop * 1e3:8.1f} ms  (all: {', '.join(f'{t * 1e3:.1f}' for t in loop_times)})"
+        f"select_positions loop (best of {args.loop_repeat}):         {loop * 1e3:8.1f} ms  (all: {', '.join(f'{t * 1e3:.1f}' for t in loop_times)})"
     )
     print(
         f"speed-up: {loop / vector:.0f}x   [python {platform.python_version()}, numpy {np.__version__}, pandas {pd.__version__}]"
     )
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"load average (1, 5, 15 min) at the end: {load}; {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":

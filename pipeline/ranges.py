@@ -273,10 +273,15 @@ class SnipId:
 Part = Named | Position | Span | FrameInterval | SnipId
 
 # Kinds of the vectorised core. Every part compiles to one numeric record
-# (kind, a, a_mode, b, b_mode, step) so that rows are grouped by kind and
-# computed with whole-array operations.
+# (kind, a, a_mode, b, b_mode, step, id_len, id_tail) so that rows are grouped
+# by kind and computed with whole-array operations. A snip id part also
+# records a fingerprint of its id: the UTF-8 length and the last 8 bytes read
+# as a little-endian int64, which rule out almost every candidate snip before
+# an exact comparison.
 _K_SPAN, _K_POINT, _K_FRAMES, _K_SNIP = 0, 1, 2, 3
 _M_NONE, _M_PLAIN, _M_DEATH = 0, 1, 2
+_N_FIELDS = 8
+_TAIL = 8  # bytes in a fingerprint's tail
 
 
 def _mode(bound: Bound | None) -> tuple[int, int]:
@@ -285,20 +290,28 @@ def _mode(bound: Bound | None) -> tuple[int, int]:
     return bound.value, _M_DEATH if bound.death else _M_PLAIN
 
 
-def _record(part: Part) -> tuple[int, int, int, int, int, int]:
+def _fingerprint(text: str) -> tuple[int, int]:
+    """UTF-8 length of *text* and its last 8 bytes as a little-endian int64."""
+    data = text.encode()
+    tail = int.from_bytes(data[-_TAIL:].rjust(_TAIL, b"\0"), "little", signed=True)
+    return len(data), tail
+
+
+def _record(part: Part) -> tuple[int, ...]:
     if isinstance(part, Named):
         if part.name == "all":
-            return (_K_SPAN, 0, _M_NONE, 0, _M_NONE, 1)
-        return (_K_POINT, 0 if part.name == "first" else -1, _M_PLAIN, 0, _M_NONE, 1)
+            return (_K_SPAN, 0, _M_NONE, 0, _M_NONE, 1, 0, 0)
+        first = 0 if part.name == "first" else -1
+        return (_K_POINT, first, _M_PLAIN, 0, _M_NONE, 1, 0, 0)
     if isinstance(part, Position):
-        return (_K_POINT, *_mode(part.at), 0, _M_NONE, 1)
+        return (_K_POINT, *_mode(part.at), 0, _M_NONE, 1, 0, 0)
     if isinstance(part, Span):
-        return (_K_SPAN, *_mode(part.start), *_mode(part.stop), part.step or 1)
+        return (_K_SPAN, *_mode(part.start), *_mode(part.stop), part.step or 1, 0, 0)
     if isinstance(part, FrameInterval):
         lo = (0, _M_NONE) if part.lo is None else (part.lo, _M_PLAIN)
         hi = (0, _M_NONE) if part.hi is None else (part.hi, _M_PLAIN)
-        return (_K_FRAMES, *lo, *hi, 1)
-    return (_K_SNIP, 0, _M_NONE, 0, _M_NONE, 1)
+        return (_K_FRAMES, *lo, *hi, 1, 0, 0)
+    return (_K_SNIP, 0, _M_NONE, 0, _M_NONE, 1, *_fingerprint(part.snip_id))
 
 
 def _part_kind(part: Part) -> str:
@@ -350,9 +363,9 @@ class FrameRange:
 
     parts: tuple[Part, ...] = ()
     canonical: str = field(init=False, repr=False)
-    # Precompiled for the vectorised core: one row of 6 ints per part (see
-    # _record) and the snip id of each part ("" if none).
-    _array: np.ndarray = field(init=False, repr=False)
+    # Precompiled for the vectorised core: the bytes of one row of int64
+    # fields per part (see _record), and the snip id of each part ("" if none).
+    _records: bytes = field(init=False, repr=False)
     _snips: tuple[str, ...] = field(init=False, repr=False)
 
     _types: ClassVar[tuple[type, ...]] = (Named, Position, Span, FrameInterval, SnipId)
@@ -365,9 +378,8 @@ class FrameRange:
                 raise TypeError(msg)
         object.__setattr__(self, "parts", parts)
         object.__setattr__(self, "canonical", _format(parts))
-        array = np.array([_record(p) for p in parts], dtype=np.int64).reshape(-1, 6)
-        array.flags.writeable = False
-        object.__setattr__(self, "_array", array)
+        records = np.array([_record(p) for p in parts], dtype=np.int64)
+        object.__setattr__(self, "_records", records.tobytes())
         snips = tuple(p.snip_id if isinstance(p, SnipId) else "" for p in parts)
         object.__setattr__(self, "_snips", snips)
 
@@ -939,6 +951,8 @@ def select_positions(
 
 _ROW = "row"
 _POS = "pos"
+#: Column type of outcome texts: pandas' default string type.
+_TEXT = pd.Series([], dtype=str).dtype
 
 
 def _segmented_searchsorted(
@@ -950,24 +964,31 @@ def _segmented_searchsorted(
 ) -> np.ndarray:
     """``np.searchsorted`` within many sorted segments of *values* at once.
 
-    A binary search run in lock step for every query: ``log2(max length)``
-    rounds of whole-array operations. Returns offsets within each segment.
+    Binary lifting run in lock step for every query: for each power of two p,
+    from the largest not above the longest segment down to 1, a count grows
+    by p when the value just before the grown count still precedes the target
+    (``<`` for ``side="left"``, ``<=`` for ``"right"``). That is
+    ``log2(max length) + 1`` rounds of a few whole-array operations.
+
+    Returns
+    -------
+    numpy.ndarray of int64
+        Offsets within each segment.
     """
-    lo = seg_start.copy()
-    hi = seg_start + seg_len
-    if values.size == 0 or lo.size == 0:
-        return lo - seg_start
+    count = np.zeros(seg_start.shape, dtype=np.int64)
+    longest = int(seg_len.max()) if seg_len.size else 0
+    if values.size == 0 or longest <= 0:
+        return count
+    before = seg_start - 1
     last = values.size - 1
-    for _ in range(int(seg_len.max()).bit_length() + 1):
-        active = lo < hi
-        if not active.any():
-            break
-        mid = (lo + hi) >> 1
-        probe = values[np.minimum(mid, last)]
-        right = probe < targets if side == "left" else probe <= targets
-        lo = np.where(active & right, mid + 1, lo)
-        hi = np.where(active & ~right, mid, hi)
-    return lo - seg_start
+    precedes = np.less if side == "left" else np.less_equal
+    step = 1 << (longest.bit_length() - 1)
+    while step:
+        grown = count + step
+        probe = values[np.minimum(before + grown, last)]
+        count = np.where(precedes(probe, targets) & (grown <= seg_len), grown, count)
+        step >>= 1
+    return count
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -992,7 +1013,8 @@ def _progressions(
     """
     keep = count > 0
     step = np.broadcast_to(step, count.shape)
-    first, step, count = first[keep], step[keep], count[keep]
+    if not keep.all():
+        first, step, count = first[keep], step[keep], count[keep]
     if count.size == 0:
         return np.empty(0, dtype=np.int64)
     increments = np.repeat(step, count)
@@ -1031,28 +1053,35 @@ def _slice_indices(
     return start, count
 
 
-def _details(*pieces: Any) -> np.ndarray:
-    """Concatenate strings and arrays element-wise into an object array."""
-    out: Any = ""
-    for piece in pieces:
-        if isinstance(piece, np.ndarray) and piece.dtype != object:
-            piece = np.array(list(map(str, piece.tolist())), dtype=object)
-        out = out + piece
-    return out
+def _text(piece: str | np.ndarray | pa.Array) -> str | pa.Array:
+    """A piece of an outcome message as a string or an arrow ``string`` array."""
+    if isinstance(piece, str):
+        return piece
+    if isinstance(piece, np.ndarray):
+        piece = pa.array(piece)  # integers; arrow prints them as str() does
+    return piece.cast(pa.string())
+
+
+def _details(*pieces: str | np.ndarray | pa.Array) -> pa.Array:
+    """Concatenate strings and arrays element-wise, in arrow (no Python loop)."""
+    return pc.binary_join_element_wise(*map(_text, pieces), "")
 
 
 def _empty_outputs() -> tuple[pd.DataFrame, pd.DataFrame]:
     pairs = pd.DataFrame(
         {_ROW: np.empty(0, dtype=np.int64), _POS: np.empty(0, dtype=np.int64)}
     )
-    outcomes = pd.DataFrame(
+    return pairs, _empty_outcomes()
+
+
+def _empty_outcomes() -> pd.DataFrame:
+    return pd.DataFrame(
         {
             _ROW: np.empty(0, dtype=np.int64),
             "reason": pd.Series([], dtype=str),
             "detail": pd.Series([], dtype=str),
         }
     )
-    return pairs, outcomes
 
 
 def _arrow_strings(
@@ -1063,8 +1092,7 @@ def _arrow_strings(
     Zero-copy over pyarrow-backed strings, the pandas 3 default, so taking
     20,000 embryo ids out of a million-row column costs only the take.
     """
-    dtype = values.dtype
-    if isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow":
+    if _is_arrow_text(values):
         data = pa.array(values.array)
         taken = data if positions is None else data.take(pa.array(positions))
     else:
@@ -1075,6 +1103,75 @@ def _arrow_strings(
     if pa.types.is_dictionary(taken.type):
         taken = taken.dictionary_decode()
     return taken.cast(pa.large_string())
+
+
+def _is_arrow_text(values: pd.Series | pd.Index) -> bool:
+    """True if *values* are strings held by arrow (readable without copying)."""
+    dtype = values.dtype
+    return isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow"
+
+
+def _string_buffers(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-copy views of a ``large_string`` array: offsets and UTF-8 bytes.
+
+    String i is ``data[offsets[i]:offsets[i + 1]]``.
+    """
+    _, offsets, data = strings.buffers()
+    count = strings.offset + len(strings) + 1
+    offsets = np.frombuffer(offsets, dtype=np.int64, count=count)[strings.offset :]
+    if data is None:
+        return offsets, np.empty(0, dtype=np.uint8)
+    return offsets, np.frombuffer(data, dtype=np.uint8)
+
+
+def _find_snip_ids(
+    index: pd.Index,
+    candidates: np.ndarray,
+    owner: np.ndarray,
+    wanted_len: np.ndarray,
+    wanted_tail: np.ndarray,
+    wanted: pa.Array,
+) -> np.ndarray:
+    """Which *candidates* (``index`` positions) hold the snip id their owner wants.
+
+    *owner* maps each candidate to a wanted id (*wanted*, with its fingerprint
+    *wanted_len*, *wanted_tail* from :func:`_fingerprint`). The fingerprints
+    are compared first, over the arrow buffers without building a string:
+    the byte length, then (for ids of at least 8 bytes) the last 8 bytes read
+    as one int64. Only candidates that pass are compared as strings, so an
+    exact comparison decides every match.
+
+    Returns
+    -------
+    numpy.ndarray of int64
+        Ascending indices into *candidates* of exact matches.
+    """
+    if _is_arrow_text(index):
+        strings, at = _arrow_strings(index), candidates
+    else:
+        strings, at = _arrow_strings(index, candidates), None
+    offsets, data = _string_buffers(strings)
+    if at is None:
+        ends = offsets[1:]
+        lengths = np.diff(offsets)
+    else:
+        ends = offsets[at + 1]
+        lengths = ends - offsets[at]
+    maybe = np.flatnonzero(lengths == wanted_len[owner])
+    long = wanted_len[owner[maybe]] >= _TAIL
+    if long.any():
+        tails = np.ndarray(
+            (data.size - _TAIL + 1,), dtype="<i8", buffer=data, strides=(1,)
+        )
+        checked = maybe[long]
+        same_tail = tails[ends[checked] - _TAIL] == wanted_tail[owner[checked]]
+        long[long] = same_tail
+        maybe = maybe[long | (wanted_len[owner[maybe]] < _TAIL)]
+    if maybe.size == 0:
+        return maybe
+    mine = pa.array(maybe if at is None else at[maybe])
+    same = pc.equal(strings.take(mine), wanted.take(pa.array(owner[maybe])))
+    return maybe[pc.fill_null(same, False).to_numpy(zero_copy_only=False)]
 
 
 def _blocks(part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -1134,12 +1231,12 @@ def _distinct_specs(
 
 def _interval_text(
     lo: np.ndarray, lo_mode: np.ndarray, hi: np.ndarray, hi_mode: np.ndarray
-) -> np.ndarray:
+) -> pa.Array:
     """Spec text of frame intervals (``t3``, ``t2..t5``, ``t7..``), vectorised."""
-    lo_text = np.where(lo_mode == _M_NONE, "", _details("t", lo))
-    hi_text = np.where(hi_mode == _M_NONE, "", _details("t", hi))
+    lo_text = pc.if_else(pa.array(lo_mode == _M_NONE), "", _details("t", lo))
+    hi_text = pc.if_else(pa.array(hi_mode == _M_NONE), "", _details("t", hi))
     single = (lo_mode != _M_NONE) & (hi_mode != _M_NONE) & (lo == hi)
-    return np.where(single, lo_text, lo_text + ".." + hi_text)
+    return pc.if_else(pa.array(single), lo_text, _details(lo_text, "..", hi_text))
 
 
 class _Report:
@@ -1148,13 +1245,32 @@ class _Report:
     def __init__(self) -> None:
         self.items: list[np.ndarray] = []
         self.reasons: list[np.ndarray] = []
-        self.details: list[np.ndarray] = []
+        self.details: list[pa.Array] = []
 
     def add(self, items: np.ndarray, reason: str, *pieces: Any) -> None:
         if items.size:
             self.items.append(items)
-            self.reasons.append(np.full(items.size, reason, dtype=object))
+            self.reasons.append(np.full(items.size, REASONS.index(reason), np.int8))
             self.details.append(_details(*pieces))
+
+
+def _runs_of(mask: np.ndarray, heads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Maximal stretches of True in *mask*, never across a segment head.
+
+    *heads* are the offsets where segments begin. Returns ``(begin, length)``
+    of every stretch, in order.
+    """
+    before = np.empty_like(mask)
+    before[0] = False
+    before[1:] = mask[:-1]
+    before[heads] = False
+    after = np.empty_like(mask)
+    after[-1] = False
+    after[:-1] = mask[1:]
+    after[heads[1:] - 1] = False
+    begin = np.flatnonzero(mask & ~before)
+    end = np.flatnonzero(mask & ~after) + 1
+    return begin, end - begin
 
 
 def expand_ranges(
@@ -1218,9 +1334,8 @@ def expand_ranges(
     >>> outcomes.to_numpy().tolist()
     [[1, 'frame_not_found', 'embryo e1 has no snip at t2 (its frames are t0..t4)']]
     """
-    pairs_empty, outcomes_empty = _empty_outputs()
     if len(part) == 0 or len(rows) == 0:
-        return pairs_empty, outcomes_empty
+        return _empty_outputs()
     starts, lengths = _blocks(part)
     n_blocks = starts.size
 
@@ -1241,13 +1356,14 @@ def expand_ranges(
     block_of_row = codes[n_blocks:]
 
     # Entries: the rows of this partition, sorted by row number, so that the
-    # final mask comes out already sorted by (row, pos).
+    # pairs come out already sorted by (row, pos).
     keep = np.flatnonzero(block_of_row < n_blocks)
-    row_numbers = rows["row"].to_numpy(dtype=np.int64)[keep]
-    order = np.argsort(row_numbers, kind="stable")
-    keep, row_numbers = keep[order], row_numbers[order]
     if keep.size == 0:
-        return pairs_empty, outcomes_empty
+        return _empty_outputs()
+    row_numbers = rows["row"].to_numpy(dtype=np.int64)[keep]
+    if (row_numbers[1:] < row_numbers[:-1]).any():
+        order = np.argsort(row_numbers, kind="stable")
+        keep, row_numbers = keep[order], row_numbers[order]
     repeated = row_numbers[1:] == row_numbers[:-1]
     if repeated.any():
         msg = f"rows must have unique row numbers; row {row_numbers[1:][repeated][0]} appears twice"
@@ -1257,50 +1373,56 @@ def expand_ranges(
     e_n = lengths[e_block]
     n_entries = keep.size
 
-    def embryo_of(entries: np.ndarray) -> np.ndarray:
-        taken = block_ids.take(pa.array(e_block[entries]))
-        return taken.to_numpy(zero_copy_only=False).astype(object)
+    def embryo_of(entries: np.ndarray) -> pa.Array:
+        return block_ids.take(pa.array(e_block[entries]))
 
-    # One C-speed step per *distinct* spec object: its precompiled records.
+    # One C-speed step per *distinct* spec object: its precompiled records,
+    # as bytes joined once, then one column per field.
     spec_code, specs = _distinct_specs(rows["spec"].to_numpy(dtype=object), keep)
-    arrays = list(map(operator.attrgetter("_array"), specs))
-    n_parts = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
-    records = np.concatenate(arrays)
+    blobs = list(map(operator.attrgetter("_records"), specs))
+    n_parts = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs))
+    n_parts //= _N_FIELDS * 8
+    records = np.frombuffer(b"".join(blobs), dtype=np.int64)
+    records = np.ascontiguousarray(records.reshape(-1, _N_FIELDS).T)
     record_first = np.cumsum(n_parts) - n_parts
 
     @functools.cache
-    def spec_texts() -> np.ndarray:
+    def spec_texts() -> pa.Array:
         texts = map(operator.attrgetter("canonical"), specs)
-        return np.array(list(texts), dtype=object)
+        return pa.array(list(texts), type=pa.string())
 
     # Items: one per (entry, part of its spec), with the part's record.
-    item_entry, item_number = _ranges(
-        np.zeros(n_entries, dtype=np.int64), n_parts[spec_code]
-    )
-    item_rec = record_first[spec_code[item_entry]] + item_number
-    kind, a, a_mode, b, b_mode, step = np.ascontiguousarray(records[item_rec].T)
+    entry_parts = n_parts[spec_code]
+    if (entry_parts == 1).all():
+        item_entry = np.arange(n_entries)
+        item_number = np.zeros(n_entries, dtype=np.int64)
+        item_rec = record_first[spec_code]
+    else:
+        item_entry, item_number = _ranges(np.zeros(n_entries, np.int64), entry_parts)
+        item_rec = record_first[spec_code[item_entry]] + item_number
+    fields = np.take(records, item_rec, axis=1)
+    kind, a, a_mode, b, b_mode, step = fields[:6]
     n = e_n[item_entry]
     start0 = e_start[item_entry]
     frame = part["frame"].to_numpy(dtype=np.int64)
     report = _Report()
 
-    def spec_of(items: np.ndarray) -> np.ndarray:
-        return spec_texts()[spec_code[item_entry[items]]]
+    def spec_of(items: np.ndarray) -> pa.Array:
+        return spec_texts().take(pa.array(spec_code[item_entry[items]]))
 
     # Death position per item, only where a part refers to death.
     uses_death = (a_mode == _M_DEATH) | (b_mode == _M_DEATH)
     death_pos = np.full(item_entry.size, -1, dtype=np.int64)
     death_bad = np.zeros(item_entry.size, dtype=bool)
-    if uses_death.any():
-        need = np.flatnonzero(uses_death)
-        death_col = part["death_frame"].array[start0[need]]
+    need = np.flatnonzero(uses_death)
+    if need.size:
+        at, span = start0[need], n[need]
+        death_col = part["death_frame"].array.take(at)
         has = ~np.asarray(death_col.isna(), dtype=bool)
         death_val = np.asarray(death_col.to_numpy(dtype=np.int64, na_value=0))
-        offset = _segmented_searchsorted(
-            frame, start0[need], n[need], death_val, "left"
-        )
-        found = has & (offset < n[need])
-        found[found] = frame[start0[need][found] + offset[found]] == death_val[found]
+        offset = _segmented_searchsorted(frame, at, span, death_val, "left")
+        found = has & (offset < span)
+        found[found] = frame[at[found] + offset[found]] == death_val[found]
         death_pos[need] = np.where(found, offset, -1)
         death_bad[need] = ~found
         none, missing = need[~has], need[has & ~found]
@@ -1348,18 +1470,28 @@ def expand_ranges(
             n[plain], ", ", n[plain], ") for embryo ", embryo_of(item_entry[plain]),
         )  # fmt: skip
         report.add(
-            dead, INDEX_OUT_OF_RANGE, "death", np.where(a[dead] < 0, "-", "+"),
+            dead, INDEX_OUT_OF_RANGE, "death",
+            pc.if_else(pa.array(a[dead] < 0), "-", "+"),
             np.abs(a[dead]), " is position ", death_pos[dead] + a[dead],
             ", outside [0, ", n[dead], ") for embryo ", embryo_of(item_entry[dead]),
         )  # fmt: skip
 
-    # Frame intervals: two segmented binary searches give a contiguous run.
+    # Frame intervals: segmented binary searches (for the ends that are not
+    # open) give a contiguous run.
     sel = np.flatnonzero(kind == _K_FRAMES)
     if sel.size:
-        lo = np.where(a_mode[sel] == _M_NONE, np.iinfo(np.int64).min, a[sel])
-        hi = np.where(b_mode[sel] == _M_NONE, np.iinfo(np.int64).max, b[sel])
-        left = _segmented_searchsorted(frame, start0[sel], n[sel], lo, "left")
-        right = _segmented_searchsorted(frame, start0[sel], n[sel], hi, "right")
+        left = np.zeros(sel.size, dtype=np.int64)
+        right = n[sel].copy()
+        for side, mode, value, out in (
+            ("left", a_mode, a, left),
+            ("right", b_mode, b, right),
+        ):
+            bounded = np.flatnonzero(mode[sel] != _M_NONE)
+            if bounded.size:
+                its = sel[bounded]
+                out[bounded] = _segmented_searchsorted(
+                    frame, start0[its], n[its], value[its], side
+                )
         first[sel], count[sel] = left, np.maximum(right - left, 0)
         miss = sel[count[sel] == 0]
         report.add(
@@ -1369,66 +1501,84 @@ def expand_ranges(
             frame[start0[miss] + n[miss] - 1], ")",
         )  # fmt: skip
 
-    # Snip ids: compare each wanted id with the ids of its own embryo's snips
-    # (string equality over item x block, in arrow), never the whole partition.
+    # Snip ids: each wanted id against its own embryo's snips only (never the
+    # whole partition), by fingerprint over the arrow buffers, then exactly.
     sel = np.flatnonzero(kind == _K_SNIP)
     if sel.size:
         snip_specs = np.unique(spec_code[item_entry[sel]])
-        snip_text = np.empty(records.shape[0], dtype=object)
+        snip_text = np.empty(records.shape[1], dtype=object)
         _, snip_records = _ranges(record_first[snip_specs], n_parts[snip_specs])
         snip_text[snip_records] = list(
             itertools.chain.from_iterable(specs[c]._snips for c in snip_specs.tolist())
         )
+        wanted = snip_text[item_rec[sel]]
         owner, candidates = _ranges(start0[sel], n[sel])
-        wanted = pa.array(snip_text[item_rec[sel]], type=pa.large_string())
-        same = pc.equal(
-            _arrow_strings(part.index, candidates), wanted.take(pa.array(owner))
-        )
-        match = np.flatnonzero(pc.fill_null(same, False).to_numpy(zero_copy_only=False))
+        match = _find_snip_ids(
+            part.index, candidates, owner, fields[6][sel], fields[7][sel],
+            pa.array(wanted, type=pa.large_string()),
+        )  # fmt: skip
+        # The first match of each item, as list.index would give.
+        earliest = np.ones(match.size, dtype=bool)
+        earliest[1:] = owner[match[1:]] != owner[match[:-1]]
+        match = match[earliest]
         found = sel[owner[match]]
         first[found] = candidates[match] - start0[found]
         count[found] = 1
-        miss = sel[count[sel] == 0]
+        lost = np.flatnonzero(count[sel] == 0)
         report.add(
-            miss, UNKNOWN_SNIP_ID, snip_text[item_rec[miss]], " is not a snip of embryo ",
-            embryo_of(item_entry[miss]),
+            sel[lost], UNKNOWN_SNIP_ID, pa.array(wanted[lost], type=pa.string()),
+            " is not a snip of embryo ", embryo_of(item_entry[sel[lost]]),
         )  # fmt: skip
 
     # Pairs, sorted by (row, pos) and unique. Runs are ascending, so an entry
     # with one run (most rows) is done; entries with several go through a
-    # mask over their blocks laid end to end, whose set bits read back in
-    # order are their union, sorted and de-duplicated without a sort.
+    # mask over their blocks laid end to end, whose stretches of set bits are
+    # their union, sorted and de-duplicated without a sort. Then each entry's
+    # runs, in entry order, expand in one pass.
     nonempty = count > 0
-    several = np.bincount(item_entry[nonempty], minlength=n_entries) > 1
-    single = nonempty & ~several[item_entry]
+    runs_per_entry = np.bincount(item_entry[nonempty], minlength=n_entries)
+    several = runs_per_entry > 1
+    single = np.flatnonzero(nonempty & ~several[item_entry])
     per_entry = np.zeros(n_entries, dtype=np.int64)
     per_entry[item_entry[single]] = count[single]
-    single_pos = _progressions(
-        e_start[item_entry[single]] + first[single], run_step[single], count[single]
-    )
     if several.any():
         merged = np.flatnonzero(several)
         merged_first = np.cumsum(e_n[merged]) - e_n[merged]
         slot = np.zeros(n_entries, dtype=np.int64)
         slot[merged] = merged_first
-        runs = nonempty & several[item_entry]
+        runs = np.flatnonzero(nonempty & several[item_entry])
         flat = _progressions(
             slot[item_entry[runs]] + first[runs], run_step[runs], count[runs]
         )
         mask = np.zeros(int(e_n[merged].sum()), dtype=bool)
         mask[flat] = True
-        hits = np.flatnonzero(mask)
-        per_entry[merged] = np.diff(
-            np.searchsorted(hits, merged_first), append=hits.size
-        )
-        out_first = np.cumsum(per_entry) - per_entry
-        pos = np.empty(int(per_entry.sum()), dtype=np.int64)
-        pos[_progressions(out_first[item_entry[single]], 1, count[single])] = single_pos
-        shift = np.repeat(e_start[merged] - merged_first, per_entry[merged])
-        pos[_progressions(out_first[merged], 1, per_entry[merged])] = hits + shift
+        begin, length = _runs_of(mask, merged_first)
+        # Every merged entry has at least one stretch (its runs are not empty).
+        stretch_of = np.searchsorted(merged_first, begin, side="right") - 1
+        stretches = np.bincount(stretch_of, minlength=merged.size)
+        stretch_first = np.cumsum(stretches) - stretches
+        per_entry[merged] = np.add.reduceat(length, stretch_first)
+        runs_per_entry[merged] = stretches
+        out_runs = np.cumsum(runs_per_entry) - runs_per_entry
+        total = int(runs_per_entry.sum())
+        out_first = np.empty(total, dtype=np.int64)
+        out_step = np.ones(total, dtype=np.int64)
+        out_count = np.empty(total, dtype=np.int64)
+        dest = out_runs[item_entry[single]]
+        out_first[dest] = e_start[item_entry[single]] + first[single]
+        out_step[dest] = run_step[single]
+        out_count[dest] = count[single]
+        dest = _progressions(out_runs[merged], 1, stretches)
+        out_first[dest] = begin + (e_start[merged] - merged_first)[stretch_of]
+        out_count[dest] = length
+        pos = _progressions(out_first, out_step, out_count)
     else:
-        pos = single_pos
-    pairs = pd.DataFrame({_ROW: np.repeat(row_numbers, per_entry), _POS: pos})
+        pos = _progressions(
+            e_start[item_entry[single]] + first[single], run_step[single], count[single]
+        )
+    pairs = pd.DataFrame(
+        {_ROW: np.repeat(row_numbers, per_entry), _POS: pos}, copy=False
+    )
 
     # empty_selection only for rows with nothing more specific to say.
     reported = np.zeros(n_entries, dtype=bool)
@@ -1440,22 +1590,29 @@ def expand_ranges(
     if empty.size:
         out_entry.append(empty)
         out_rank.append(n_parts[spec_code[empty]])
-        report.reasons.append(np.full(empty.size, EMPTY_SELECTION, dtype=object))
+        report.reasons.append(
+            np.full(empty.size, REASONS.index(EMPTY_SELECTION), np.int8)
+        )
         report.details.append(
             _details(
-                "'", spec_texts()[spec_code[empty]], "' selects no snip of embryo ",
-                embryo_of(empty), " (", e_n[empty], " snips)",
+                "'", spec_texts().take(pa.array(spec_code[empty])),
+                "' selects no snip of embryo ", embryo_of(empty), " (", e_n[empty],
+                " snips)",
             )
         )  # fmt: skip
     if not out_entry:
-        return pairs, outcomes_empty
+        return pairs, _empty_outcomes()
     entry_all = np.concatenate(out_entry)
-    sort = np.lexsort((np.concatenate(out_rank), entry_all))
+    sort = pa.array(np.lexsort((np.concatenate(out_rank), entry_all)))
+    reasons = pa.array(REASONS, type=pa.string())
+    reasons = reasons.take(pa.array(np.concatenate(report.reasons))).take(sort)
+    details = pa.concat_arrays(report.details).take(sort)
     outcomes = pd.DataFrame(
         {
-            _ROW: row_numbers[entry_all[sort]],
-            "reason": pd.Series(np.concatenate(report.reasons)[sort], dtype=str),
-            "detail": pd.Series(np.concatenate(report.details)[sort], dtype=str),
-        }
+            _ROW: row_numbers[entry_all[sort.to_numpy()]],
+            "reason": pd.array(reasons, dtype=_TEXT),
+            "detail": pd.array(details, dtype=_TEXT),
+        },
+        copy=False,
     )
     return pairs, outcomes

@@ -835,3 +835,106 @@ def test_core_rejects_duplicate_rows_and_broken_parts():
     twice = pd.concat([part, part])
     with pytest.raises(ValueError, match="not contiguous"):
         expand_ranges(twice, rows)
+
+
+# ------------------------------------------------ fast paths of the core
+
+
+def test_core_snip_ids_need_an_exact_match_not_a_fingerprint():
+    # Same byte length and same last 8 bytes as the wanted id, other date:
+    # the fingerprint passes, the exact comparison must still tell them apart.
+    part = one_embryo_part(FRAMES, None)
+    ids = part.index.tolist()
+    ids[2] = "20240412_A01_e01_s0002"
+    for index in (pd.Index(ids, dtype="str"), pd.Index(ids, dtype=object)):
+        twin = part.set_axis(index.rename("snip_id"))
+        spec = ["20240412_A01_e01_s0002", "20240411_A01_e01_s0002"]
+        pairs, outcomes = expand_ranges(twin, rows_frame([(0, embryo_id(1), spec)]))
+        assert pairs["pos"].tolist() == [2]
+        assert outcomes["reason"].tolist() == [UNKNOWN_SNIP_ID]
+        assert outcomes["detail"][0].startswith("20240411_A01_e01_s0002 is not")
+
+
+def test_core_snip_ids_repeated_in_an_embryo_take_the_first():
+    # Not a valid store, but the core must agree with the reference.
+    part = one_embryo_part(FRAMES, None)
+    ids = part.index.tolist()
+    ids[7] = ids[3]
+    for index in (pd.Index(ids, dtype="str"), pd.Index(ids, dtype=object)):
+        twin = part.set_axis(index.rename("snip_id"))
+        pairs, _ = expand_ranges(twin, rows_frame([(0, embryo_id(1), [ids[3]])]))
+        expected = select_positions([ids[3]], FRAMES, snip_ids=ids)
+        assert pairs["pos"].tolist() == expected.tolist() == [3]
+
+
+def test_core_snip_ids_in_a_sliced_partition():
+    # A partition cut out of a larger frame: its arrow strings start at an
+    # offset inside shared buffers.
+    whole = pd.concat([one_embryo_part(FRAMES, None, embryo=e) for e in (1, 2, 3)])
+    part = whole.iloc[10:20]
+    spec = [snip_id(2, 5), snip_id(2, 0), snip_id(3, 5)]
+    pairs, outcomes = expand_ranges(part, rows_frame([(0, embryo_id(2), spec)]))
+    assert pairs["pos"].tolist() == [0, 4]
+    assert outcomes["reason"].tolist() == [UNKNOWN_SNIP_ID]
+
+
+def test_core_unions_of_adjacent_rows_stay_apart():
+    # Row 0 ends on its embryo's last snip and row 1 starts on the first one:
+    # laid end to end, their masks touch, yet each row keeps its own pairs.
+    part = pd.concat(
+        [
+            one_embryo_part(FRAMES, DEATH, embryo=1),
+            one_embryo_part([3, 4], None, embryo=2),
+        ]
+    )
+    rows = rows_frame(
+        [
+            (0, embryo_id(1), "[-1, 0]"),
+            (1, embryo_id(1), "[0, 2:4, -1]"),
+            (2, embryo_id(2), "[0, 1]"),
+            (3, embryo_id(2), "[1, -1]"),
+            (4, embryo_id(1), "[::-3, -1, 12]"),
+        ]
+    )
+    pairs, outcomes = expand_ranges(part, rows)
+    assert pairs.to_numpy().tolist() == [
+        [0, 0], [0, 9], [1, 0], [1, 2], [1, 3], [1, 9], [2, 10], [2, 11],
+        [3, 11], [4, 0], [4, 3], [4, 6], [4, 9],
+    ]  # fmt: skip
+    assert outcomes["row"].tolist() == [4]
+
+
+def test_core_outcome_details_name_the_problem():
+    part = pd.concat(
+        [one_embryo_part(FRAMES, 3, embryo=1), one_embryo_part(FRAMES, None, embryo=2)]
+    )
+    rows = rows_frame(
+        [
+            (0, embryo_id(1), "[death, 12, -11]"),
+            (1, embryo_id(2), "[death+2, t3..t3, t11..]"),
+            (2, embryo_id(2), "[5:2]"),
+            (3, embryo_id(1), ["20240411_A01_e01_s0099"]),
+        ]
+    )
+    _, outcomes = expand_ranges(part, rows)
+    assert outcomes.to_numpy().tolist() == [
+        [0, FRAME_NOT_FOUND, f"death frame 3 of embryo {embryo_id(1)} is not one of its snips, needed by '[death, 12, -11]'"],
+        [0, INDEX_OUT_OF_RANGE, f"position 12 is outside [-10, 10) for embryo {embryo_id(1)}"],
+        [0, INDEX_OUT_OF_RANGE, f"position -11 is outside [-10, 10) for embryo {embryo_id(1)}"],
+        [1, NO_DEATH_FRAME, f"embryo {embryo_id(2)} has no death frame, needed by '[death+2, t3, t11..]'"],
+        [1, FRAME_NOT_FOUND, f"embryo {embryo_id(2)} has no snip at t3 (its frames are t0..t10)"],
+        [1, FRAME_NOT_FOUND, f"embryo {embryo_id(2)} has no snip at t11.. (its frames are t0..t10)"],
+        [2, EMPTY_SELECTION, f"'[5:2]' selects no snip of embryo {embryo_id(2)} (10 snips)"],
+        [3, UNKNOWN_SNIP_ID, f"20240411_A01_e01_s0099 is not a snip of embryo {embryo_id(1)}"],
+    ]  # fmt: skip
+    assert outcomes["detail"].dtype == pd.Series([], dtype=str).dtype
+
+
+def test_core_death_position_outside_the_embryo_is_described():
+    part = one_embryo_part(FRAMES, DEATH)
+    rows = rows_frame([(0, embryo_id(1), "[death+5, death-7]")])
+    _, outcomes = expand_ranges(part, rows)
+    assert outcomes["detail"].tolist() == [
+        f"death+5 is position 11, outside [0, 10) for embryo {embryo_id(1)}",
+        f"death-7 is position -1, outside [0, 10) for embryo {embryo_id(1)}",
+    ]
