@@ -1187,6 +1187,16 @@ def undo(store: Store, batch_id: str, *, force: bool = False, lock_timeout: floa
         If later batches changed the same values and not *force*.
     PipelineError
         If the batch is not in the change log.
+
+    Notes
+    -----
+    A checkpointed run (``merge_into_store(..., checkpoint_every=N)``) is one
+    batch per checkpoint, listed in its report's ``batch_ids``: undo each, newest
+    first, to undo the whole run (its checkpoints touch disjoint snips and
+    embryos, so any single one also undoes on its own). A re-run of the same
+    inputs computes an undone checkpoint's partitions again. Measurement
+    values that did not exist before the batch are removed again (and a
+    ``measurements`` object the batch created, once empty).
     """
     if store.path is None:
         msg = "undo needs a store read from a file (the change log lives beside it)"

@@ -526,3 +526,52 @@ def test_killing_at_several_points_always_leaves_a_consistent_store(big_inputs, 
     assert set(partitions) == set(range(N_PARTS))
     assert len(partitions) - N_PARTS <= sum(1 for _ in points)
     assert pd.Series(partitions).value_counts().max() <= 2
+
+
+# ------------------------------------------------------------ CLI options
+
+
+def cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True, timeout=240, check=False
+    )
+
+
+def test_detect_checkpoint_every_resumes_and_refuses_replace(store_path):
+    common = ["detect", store_path, "--detector", "ShortTrack:min_snips=9", "--npartitions", "3", "--scheduler", "sync", "--quiet"]
+    first = cli(*common, "--checkpoint-every", "1")
+    assert first.returncode == 0, first.stderr
+    records = checkpoint_records(store_path)
+    assert sorted(p for r in records for p in r["checkpoint"]["partitions"]) == [0, 1, 2]
+    assert records[0]["inputs"]["command"] == "detect"
+    again = cli(*common, "--checkpoint-every", "1")
+    assert again.returncode == 0, again.stderr
+    assert "resumed: 3 of 3 partition(s)" in again.stdout
+    before = store_path.read_bytes()
+    refused = cli(*common, "--checkpoint-every", "1", "--replace")
+    assert refused.returncode == 2
+    assert "Traceback" not in refused.stderr
+    assert refused.stderr.startswith("embryo-pipeline: error: --replace cannot be combined with --checkpoint-every")
+    assert store_path.read_bytes() == before
+    bad = cli(*common, "--checkpoint-every", "0")
+    assert bad.returncode == 2
+    assert "must be at least 1" in bad.stderr
+
+
+def test_assign_checkpoint_every_an_edited_file_is_another_run(store_path, tmp_path):
+    rows = tmp_path / "rows.csv"
+    store = pipeline.read_store(store_path)
+    make_assignments(store, n_rows=20, seed=2, bad_fraction=0).to_csv(rows, index=False)
+    common = ["assign", store_path, rows, "--author", AUTHOR, "--npartitions", "3", "--checkpoint-every", "2", "--scheduler", "sync"]
+    first = cli(*common)
+    assert first.returncode in (0, 1), first.stderr
+    assert "checkpoint batches" in first.stdout
+    records = checkpoint_records(store_path)
+    assert [r["checkpoint"]["partitions"] for r in records] == [[0, 1], [2]]
+    assert records[0]["inputs"]["assignments_sha256"]
+    # The same file again resumes; an edited file (other content) is a new run.
+    assert "resumed: 3 of 3 partition(s)" in cli(*common).stdout
+    make_assignments(store, n_rows=20, seed=3, bad_fraction=0).to_csv(rows, index=False)
+    edited = cli(*common)
+    assert edited.returncode in (0, 1), edited.stderr
+    assert "resumed" not in edited.stdout
