@@ -44,7 +44,9 @@ def _sync_scheduler():
 @pytest.fixture
 def store_path(tmp_path):
     path = tmp_path / "store.json"
-    make_store(n_experiments=3, n_embryos=6, n_frames=10, seed=4, dead_fraction=0.3).save(path)
+    make_store(
+        n_experiments=3, n_embryos=6, n_frames=10, seed=4, dead_fraction=0.3
+    ).save(path)
     return path
 
 
@@ -55,7 +57,9 @@ def rows(store_path):
 
 def changes_of(store, rows, npartitions=6):
     snips = pipeline.snips_from_store(store, npartitions=npartitions)
-    return pipeline.assign_phenotypes(snips, rows, author=AUTHOR, vocabulary=store.vocabulary, timestamp=STAMP)
+    return pipeline.assign_phenotypes(
+        snips, rows, author=AUTHOR, vocabulary=store.vocabulary, timestamp=STAMP
+    )
 
 
 def watched(changes, seen, fail_at=None):
@@ -64,7 +68,9 @@ def watched(changes, seen, fail_at=None):
     def watch(part, number):
         seen.append(number)
         if number == fail_at:
-            msg = f"partition {number} failed (a real exception in the partition's task)"
+            msg = (
+                f"partition {number} failed (a real exception in the partition's task)"
+            )
             raise RuntimeError(msg)
         return part
 
@@ -95,13 +101,19 @@ def checkpoint_records(path):
 # ------------------------------------------------------------ in-process
 
 
-def test_checkpointed_merge_equals_one_batch_and_logs_each_checkpoint(tmp_path, store_path, rows):
+def test_checkpointed_merge_equals_one_batch_and_logs_each_checkpoint(
+    tmp_path, store_path, rows
+):
     expected = uninterrupted(tmp_path, store_path, rows)
     store = pipeline.read_store(store_path)
     single = changes_of(store, rows).compute()
     seen = []
     report = pipeline.merge_into_store(
-        store, changes_of(store, rows), checkpoint_every=2, inputs=INPUTS, progress=lambda d, t: seen.append((d, t))
+        store,
+        changes_of(store, rows),
+        checkpoint_every=2,
+        inputs=INPUTS,
+        progress=lambda d, t: seen.append((d, t)),
     )
     assert_store_equal(pipeline.read_store(store_path), expected)
     records = checkpoint_records(store_path)
@@ -117,27 +129,40 @@ def test_checkpointed_merge_equals_one_batch_and_logs_each_checkpoint(tmp_path, 
     kinds = [r["kind"] for r in changelog.iter_records(store_path)]
     assert kinds == ["phenotype", "saved"] * len(report.batch_ids)
     # Counts aggregate over the checkpoints, as one batch would have counted them.
-    assert report.counts == {str(k): int(v) for k, v in single["status"].value_counts().items()}
+    assert report.counts == {
+        str(k): int(v) for k, v in single["status"].value_counts().items()
+    }
     assert report.n_written == sum(len(r["changes"]) for r in records) - sum(
         1 for r in records for t, *_ in r["changes"] if t == "embryo"
     )
     assert "3 checkpoint batches" in report.summary()
 
 
-def test_rerun_after_a_failed_partition_resumes_and_ends_equal(tmp_path, store_path, rows):
+def test_rerun_after_a_failed_partition_resumes_and_ends_equal(
+    tmp_path, store_path, rows
+):
     expected = uninterrupted(tmp_path, store_path, rows)
     store = pipeline.read_store(store_path)
     seen = []
     with pytest.raises(RuntimeError, match="partition 3 failed"):
-        pipeline.merge_into_store(store, watched(changes_of(store, rows), seen, fail_at=3), checkpoint_every=1, inputs=INPUTS)
-    committed = sorted(p for r in checkpoint_records(store_path) for p in r["checkpoint"]["partitions"])
+        pipeline.merge_into_store(
+            store,
+            watched(changes_of(store, rows), seen, fail_at=3),
+            checkpoint_every=1,
+            inputs=INPUTS,
+        )
+    committed = sorted(
+        p for r in checkpoint_records(store_path) for p in r["checkpoint"]["partitions"]
+    )
     assert committed == [0, 1, 2]
     # The store on disk holds exactly the three checkpoints.
     pipeline.read_store(store_path).validate()
 
     again = pipeline.read_store(store_path)
     seen.clear()
-    report = pipeline.merge_into_store(again, watched(changes_of(again, rows), seen), checkpoint_every=1, inputs=INPUTS)
+    report = pipeline.merge_into_store(
+        again, watched(changes_of(again, rows), seen), checkpoint_every=1, inputs=INPUTS
+    )
     assert sorted(seen) == [3, 4, 5]  # committed partitions are not computed again
     assert report.resumed == 3
     assert "resumed: 3 of 6 partition(s)" in report.summary()
@@ -147,7 +172,9 @@ def test_rerun_after_a_failed_partition_resumes_and_ends_equal(tmp_path, store_p
     seen.clear()
     last = pipeline.read_store(store_path)
     before = store_path.read_bytes()
-    report = pipeline.merge_into_store(last, watched(changes_of(last, rows), seen), checkpoint_every=1, inputs=INPUTS)
+    report = pipeline.merge_into_store(
+        last, watched(changes_of(last, rows), seen), checkpoint_every=1, inputs=INPUTS
+    )
     assert seen == []
     assert (report.resumed, report.batch_ids, report.n_written) == (6, [], 0)
     assert store_path.read_bytes() == before
@@ -155,55 +182,86 @@ def test_rerun_after_a_failed_partition_resumes_and_ends_equal(tmp_path, store_p
 
 def test_other_inputs_or_partitions_are_another_run(store_path, rows):
     store = pipeline.read_store(store_path)
-    first = pipeline.merge_into_store(store, changes_of(store, rows), checkpoint_every=3, inputs=INPUTS)
+    first = pipeline.merge_into_store(
+        store, changes_of(store, rows), checkpoint_every=3, inputs=INPUTS
+    )
     seen = []
     store = pipeline.read_store(store_path)
     other = pipeline.merge_into_store(
-        store, watched(changes_of(store, rows), seen), checkpoint_every=3, inputs={**INPUTS, "assignments": "edited"}
+        store,
+        watched(changes_of(store, rows), seen),
+        checkpoint_every=3,
+        inputs={**INPUTS, "assignments": "edited"},
     )
     assert other.resumed == 0
     assert sorted(seen) == list(range(6))
     assert other.run_key != first.run_key
     seen.clear()
     store = pipeline.read_store(store_path)
-    five = pipeline.merge_into_store(store, watched(changes_of(store, rows, 5), seen), checkpoint_every=3, inputs=INPUTS)
+    five = pipeline.merge_into_store(
+        store,
+        watched(changes_of(store, rows, 5), seen),
+        checkpoint_every=3,
+        inputs=INPUTS,
+    )
     assert five.resumed == 0
     assert len(set(seen)) == 5
     # An explicit run key is used as given; a mismatched partition count is said.
     seen.clear()
     store = pipeline.read_store(store_path)
     keyed = pipeline.merge_into_store(
-        store, watched(changes_of(store, rows, 5), seen), checkpoint_every=3, run_key=first.run_key
+        store,
+        watched(changes_of(store, rows, 5), seen),
+        checkpoint_every=3,
+        run_key=first.run_key,
     )
     assert keyed.run_key == first.run_key
     assert keyed.resumed == 0
     assert any("another kind or number of partitions" in n for n in keyed.notes)
 
 
-def test_a_logged_checkpoint_without_saved_marker_is_checked_against_the_store(tmp_path, store_path, rows):
+def test_a_logged_checkpoint_without_saved_marker_is_checked_against_the_store(
+    tmp_path, store_path, rows
+):
     expected = uninterrupted(tmp_path, store_path, rows)
     store = pipeline.read_store(store_path)
     with pytest.raises(RuntimeError):
-        pipeline.merge_into_store(store, watched(changes_of(store, rows), [], fail_at=2), checkpoint_every=1, inputs=INPUTS)
+        pipeline.merge_into_store(
+            store,
+            watched(changes_of(store, rows), [], fail_at=2),
+            checkpoint_every=1,
+            inputs=INPUTS,
+        )
     log = changelog.changelog_path(store_path)
     lines = log.read_bytes().splitlines(keepends=True)
     last = checkpoint_records(store_path)[-1]["batch_id"]
     # As if killed after the store write and before the marker: the store holds it.
-    unmarked = b"".join(x for x in lines if not (b'"saved"' in x and last.encode() in x))
+    unmarked = b"".join(
+        x for x in lines if not (b'"saved"' in x and last.encode() in x)
+    )
     log.write_bytes(unmarked)
     store = pipeline.read_store(store_path)
     seen = []
-    report = pipeline.merge_into_store(store, watched(changes_of(store, rows), seen), checkpoint_every=1, inputs=INPUTS)
+    report = pipeline.merge_into_store(
+        store, watched(changes_of(store, rows), seen), checkpoint_every=1, inputs=INPUTS
+    )
     assert report.resumed == 2
     assert sorted(seen) == [2, 3, 4, 5]
     assert_store_equal(pipeline.read_store(store_path), expected)
 
 
-def test_a_logged_checkpoint_that_never_reached_the_store_is_computed_again(tmp_path, store_path, rows):
+def test_a_logged_checkpoint_that_never_reached_the_store_is_computed_again(
+    tmp_path, store_path, rows
+):
     expected = uninterrupted(tmp_path, store_path, rows)
     store = pipeline.read_store(store_path)
     with pytest.raises(RuntimeError):
-        pipeline.merge_into_store(store, watched(changes_of(store, rows), [], fail_at=2), checkpoint_every=1, inputs=INPUTS)
+        pipeline.merge_into_store(
+            store,
+            watched(changes_of(store, rows), [], fail_at=2),
+            checkpoint_every=1,
+            inputs=INPUTS,
+        )
     # As if killed after the log line and before the store write: the file is
     # the one before the last checkpoint (its newest backup), no marker.
     last = checkpoint_records(store_path)[-1]
@@ -211,11 +269,17 @@ def test_a_logged_checkpoint_that_never_reached_the_store_is_computed_again(tmp_
     newest = max(backup_dir(store_path).iterdir(), key=lambda p: p.stat().st_mtime_ns)
     shutil.copy(newest, store_path)
     log = changelog.changelog_path(store_path)
-    kept = [x for x in log.read_bytes().splitlines(keepends=True) if not (b'"saved"' in x and last["batch_id"].encode() in x)]
+    kept = [
+        x
+        for x in log.read_bytes().splitlines(keepends=True)
+        if not (b'"saved"' in x and last["batch_id"].encode() in x)
+    ]
     log.write_bytes(b"".join(kept))
     store = pipeline.read_store(store_path)
     seen = []
-    report = pipeline.merge_into_store(store, watched(changes_of(store, rows), seen), checkpoint_every=1, inputs=INPUTS)
+    report = pipeline.merge_into_store(
+        store, watched(changes_of(store, rows), seen), checkpoint_every=1, inputs=INPUTS
+    )
     assert report.resumed == 1
     assert sorted(seen) == [1, 2, 3, 4, 5]
     assert_store_equal(pipeline.read_store(store_path), expected)
@@ -224,14 +288,18 @@ def test_a_logged_checkpoint_that_never_reached_the_store_is_computed_again(tmp_
 def test_undo_of_each_checkpoint_restores_the_file_and_reruns_redo_it(store_path, rows):
     before = store_path.read_bytes()
     store = pipeline.read_store(store_path)
-    report = pipeline.merge_into_store(store, changes_of(store, rows), checkpoint_every=2, inputs=INPUTS)
+    report = pipeline.merge_into_store(
+        store, changes_of(store, rows), checkpoint_every=2, inputs=INPUTS
+    )
     after = pipeline.read_store(store_path)
     assert len(report.batch_ids) == 3
     # Checkpoints touch disjoint embryos: any one undoes without force.
     pipeline.undo(store, report.batch_ids[0])
     store = pipeline.read_store(store_path)
     seen = []
-    redo = pipeline.merge_into_store(store, watched(changes_of(store, rows), seen), checkpoint_every=2, inputs=INPUTS)
+    redo = pipeline.merge_into_store(
+        store, watched(changes_of(store, rows), seen), checkpoint_every=2, inputs=INPUTS
+    )
     assert sorted(seen) == [0, 1]  # the undone checkpoint's partitions only
     assert redo.resumed == 4
     assert_store_equal(pipeline.read_store(store_path), after)
@@ -249,23 +317,51 @@ def test_checkpoint_errors_say_what_to_pass(store_path, rows):
         pipeline.merge_into_store(store, changes, checkpoint_every=0, inputs=INPUTS)
     memory = make_store(n_experiments=1, n_embryos=2, n_frames=4, seed=0)
     with pytest.raises(ValueError, match="read from a file"):
-        pipeline.merge_into_store(memory, changes_of(memory, make_assignments(memory, n_rows=3)), checkpoint_every=1, inputs=INPUTS)
-    flags = pipeline.run_detectors(pipeline.snips_from_store(store, npartitions=3), [pipeline.detectors.ShortTrack()], store=store)
-    with pytest.raises(ValueError, match="replace_authors cannot be combined with checkpoint_every"):
-        pipeline.merge_into_store(store, flags, checkpoint_every=1, inputs=INPUTS, replace_authors=["auto:ShortTrack"])
+        pipeline.merge_into_store(
+            memory,
+            changes_of(memory, make_assignments(memory, n_rows=3)),
+            checkpoint_every=1,
+            inputs=INPUTS,
+        )
+    flags = pipeline.run_detectors(
+        pipeline.snips_from_store(store, npartitions=3),
+        [pipeline.detectors.ShortTrack()],
+        store=store,
+    )
+    with pytest.raises(
+        ValueError, match="replace_authors cannot be combined with checkpoint_every"
+    ):
+        pipeline.merge_into_store(
+            store,
+            flags,
+            checkpoint_every=1,
+            inputs=INPUTS,
+            replace_authors=["auto:ShortTrack"],
+        )
     assert not changelog.changelog_path(store_path).exists()
 
 
-def test_dry_run_with_checkpoints_skips_committed_partitions_and_writes_nothing(store_path, rows):
+def test_dry_run_with_checkpoints_skips_committed_partitions_and_writes_nothing(
+    store_path, rows
+):
     store = pipeline.read_store(store_path)
     with pytest.raises(RuntimeError):
-        pipeline.merge_into_store(store, watched(changes_of(store, rows), [], fail_at=4), checkpoint_every=2, inputs=INPUTS)
+        pipeline.merge_into_store(
+            store,
+            watched(changes_of(store, rows), [], fail_at=4),
+            checkpoint_every=2,
+            inputs=INPUTS,
+        )
     before = store_path.read_bytes()
     log = changelog.changelog_path(store_path).read_bytes()
     store = pipeline.read_store(store_path)
     seen = []
     report = pipeline.merge_into_store(
-        store, watched(changes_of(store, rows), seen), checkpoint_every=2, inputs=INPUTS, dry_run=True
+        store,
+        watched(changes_of(store, rows), seen),
+        checkpoint_every=2,
+        inputs=INPUTS,
+        dry_run=True,
     )
     assert report.dry_run
     assert report.resumed == 4
@@ -278,20 +374,32 @@ def test_dry_run_with_checkpoints_skips_committed_partitions_and_writes_nothing(
 def test_flag_checkpoints_equal_one_batch(tmp_path, store_path):
     ref = tmp_path / "ref.json"
     shutil.copy(store_path, ref)
-    detectors = [pipeline.detectors.ShortTrack(min_snips=9), pipeline.detectors.FrameGap()]
+    detectors = [
+        pipeline.detectors.ShortTrack(min_snips=9),
+        pipeline.detectors.FrameGap(),
+    ]
 
     def flags(store):
-        return pipeline.run_detectors(pipeline.snips_from_store(store, npartitions=4), detectors, store=store)
+        return pipeline.run_detectors(
+            pipeline.snips_from_store(store, npartitions=4), detectors, store=store
+        )
 
     one = pipeline.read_store(ref)
     pipeline.merge_into_store(one, flags(one))
     store = pipeline.read_store(store_path)
-    report = pipeline.merge_into_store(store, flags(store), checkpoint_every=1, inputs=INPUTS)
+    report = pipeline.merge_into_store(
+        store, flags(store), checkpoint_every=1, inputs=INPUTS
+    )
     assert report.n_written > 0
     assert len(report.batch_ids) >= 1
-    assert_store_equal(strip_timestamps(pipeline.read_store(store_path)), strip_timestamps(pipeline.read_store(ref)))
+    assert_store_equal(
+        strip_timestamps(pipeline.read_store(store_path)),
+        strip_timestamps(pipeline.read_store(ref)),
+    )
     again = pipeline.read_store(store_path)
-    rerun = pipeline.merge_into_store(again, flags(again), checkpoint_every=1, inputs=INPUTS)
+    rerun = pipeline.merge_into_store(
+        again, flags(again), checkpoint_every=1, inputs=INPUTS
+    )
     assert rerun.resumed == report.npartitions
     assert rerun.batch_ids == []
 
@@ -310,8 +418,12 @@ def test_strict_flag_checkpoints_stop_at_the_failing_one(store_path):
 
     snips = pipeline.snips_from_store(store, npartitions=3)
     flags = pipeline.run_detectors(snips, [FailsLate(min_snips=9)], store=store)
-    with pytest.raises(MergeConflictError, match=r"checkpoint\(s\) committed before it stay") as info:
-        pipeline.merge_into_store(store, flags, checkpoint_every=1, inputs=INPUTS, strict=True)
+    with pytest.raises(
+        MergeConflictError, match=r"checkpoint\(s\) committed before it stay"
+    ) as info:
+        pipeline.merge_into_store(
+            store, flags, checkpoint_every=1, inputs=INPUTS, strict=True
+        )
     assert "broken on the last experiment" in info.value.failure_cases["reason"].iloc[0]
     assert checkpoint_records(store_path)
 
@@ -341,47 +453,72 @@ def local_cluster():
     from distributed import Client, LocalCluster
 
     with (
-        LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster,
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+        ) as cluster,
         Client(cluster, set_as_default=False) as client,
     ):
         yield client
 
 
-def test_distributed_checkpoints_commit_as_partitions_finish(tmp_path, store_path, rows, local_cluster):
+def test_distributed_checkpoints_commit_as_partitions_finish(
+    tmp_path, store_path, rows, local_cluster
+):
     expected = uninterrupted(tmp_path, store_path, rows)
     store = pipeline.read_store(store_path)
     seen = []
     with dask.config.set(scheduler=None), local_cluster.as_current():
         report = pipeline.merge_into_store(
-            store, changes_of(store, rows), checkpoint_every=2, inputs=INPUTS, progress=lambda d, t: seen.append((d, t))
+            store,
+            changes_of(store, rows),
+            checkpoint_every=2,
+            inputs=INPUTS,
+            progress=lambda d, t: seen.append((d, t)),
         )
     assert seen[0] == (0, 6)
     assert seen[-1] == (6, 6)
     assert report.batch_ids
-    assert sorted(p for r in checkpoint_records(store_path) for p in r["checkpoint"]["partitions"]) == list(range(6))
-    assert all(len(r["checkpoint"]["partitions"]) == 2 for r in checkpoint_records(store_path))
+    assert sorted(
+        p for r in checkpoint_records(store_path) for p in r["checkpoint"]["partitions"]
+    ) == list(range(6))
+    assert all(
+        len(r["checkpoint"]["partitions"]) == 2 for r in checkpoint_records(store_path)
+    )
     assert_store_equal(pipeline.read_store(store_path), expected)
     # Resume on the cluster too: partitions of an interrupted run are skipped.
     again = pipeline.read_store(store_path)
     with dask.config.set(scheduler=None), local_cluster.as_current():
-        rerun = pipeline.merge_into_store(again, changes_of(again, rows), checkpoint_every=2, inputs=INPUTS)
+        rerun = pipeline.merge_into_store(
+            again, changes_of(again, rows), checkpoint_every=2, inputs=INPUTS
+        )
     assert rerun.resumed == 6
     assert rerun.batch_ids == []
 
 
-def test_distributed_failure_keeps_the_checkpoints_before_it(store_path, rows, local_cluster):
+def test_distributed_failure_keeps_the_checkpoints_before_it(
+    store_path, rows, local_cluster
+):
     store = pipeline.read_store(store_path)
     with (
         dask.config.set(scheduler=None),
         local_cluster.as_current(),
         pytest.raises(RuntimeError, match="partition 5 failed"),
     ):
-        pipeline.merge_into_store(store, watched(changes_of(store, rows), [], fail_at=5), checkpoint_every=1, inputs=INPUTS)
-    done = sorted(p for r in checkpoint_records(store_path) for p in r["checkpoint"]["partitions"])
+        pipeline.merge_into_store(
+            store,
+            watched(changes_of(store, rows), [], fail_at=5),
+            checkpoint_every=1,
+            inputs=INPUTS,
+        )
+    done = sorted(
+        p for r in checkpoint_records(store_path) for p in r["checkpoint"]["partitions"]
+    )
     assert 5 not in done
     pipeline.read_store(store_path).validate()
     store = pipeline.read_store(store_path)
-    report = pipeline.merge_into_store(store, changes_of(store, rows), checkpoint_every=1, inputs=INPUTS)
+    report = pipeline.merge_into_store(
+        store, changes_of(store, rows), checkpoint_every=1, inputs=INPUTS
+    )
     assert report.resumed == len(done)
 
 
@@ -393,7 +530,9 @@ N_PARTS = 16
 @pytest.fixture(scope="module")
 def big_inputs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("big")
-    store = make_store(n_experiments=4, n_embryos=60, n_frames=40, seed=3, dead_fraction=0.3)
+    store = make_store(
+        n_experiments=4, n_embryos=60, n_frames=40, seed=3, dead_fraction=0.3
+    )
     store.save(folder / "store.json")
     make_assignments(store, n_rows=600, seed=1).to_csv(folder / "rows.csv", index=False)
     return folder
@@ -401,8 +540,21 @@ def big_inputs(tmp_path_factory):
 
 def assign_cmd(store, rows):
     return [
-        sys.executable, "-m", "pipeline", "assign", str(store), str(rows), "--author", AUTHOR,
-        "--checkpoint-every", "1", "--npartitions", str(N_PARTS), "--scheduler", "sync", "--quiet",
+        sys.executable,
+        "-m",
+        "pipeline",
+        "assign",
+        str(store),
+        str(rows),
+        "--author",
+        AUTHOR,
+        "--checkpoint-every",
+        "1",
+        "--npartitions",
+        str(N_PARTS),
+        "--scheduler",
+        "sync",
+        "--quiet",
     ]
 
 
@@ -427,7 +579,9 @@ def log_kinds(store):
 
 def run_and_kill(store, rows, when, timeout=240):
     """Start the CLI, SIGKILL it once ``when(kinds of the log)`` holds; True if killed."""
-    proc = subprocess.Popen(assign_cmd(store, rows), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        assign_cmd(store, rows), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + timeout
     try:
         while proc.poll() is None and time.monotonic() < deadline:
@@ -456,7 +610,9 @@ def consistent(store):
             continue
         for target, entity, field, _before, after in rec["changes"]:
             if target == "snip":
-                snip = opened.embryos[pipeline.ids.parse_snip_id(entity).embryo_id]["snips"][entity]
+                snip = opened.embryos[pipeline.ids.parse_snip_id(entity).embryo_id][
+                    "snips"
+                ][entity]
                 assert snip[field] == after, (rec["batch_id"], entity)
             else:
                 assert opened.embryos[entity][field] == after
@@ -464,7 +620,13 @@ def consistent(store):
 
 
 def rerun(store, rows):
-    result = subprocess.run(assign_cmd(store, rows), capture_output=True, text=True, timeout=240, check=False)
+    result = subprocess.run(
+        assign_cmd(store, rows),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     assert result.returncode in (0, 1), result.stderr
     assert "Traceback" not in result.stderr
     return result.stdout
@@ -478,7 +640,9 @@ def reference(big_inputs, tmp_path_factory):
     return strip_timestamps(pipeline.read_store(store))
 
 
-def test_killed_cli_run_resumes_and_ends_as_an_uninterrupted_run(big_inputs, reference, tmp_path):
+def test_killed_cli_run_resumes_and_ends_as_an_uninterrupted_run(
+    big_inputs, reference, tmp_path
+):
     store = fresh_copy(big_inputs, tmp_path / "run")
     rows = big_inputs / "rows.csv"
     killed = run_and_kill(store, rows, lambda kinds: kinds.count("saved") >= 2)
@@ -496,14 +660,22 @@ def test_killed_cli_run_resumes_and_ends_as_an_uninterrupted_run(big_inputs, ref
     assert "wrote 0 value(s)" in out
 
 
-def test_killing_at_several_points_always_leaves_a_consistent_store(big_inputs, reference, tmp_path):
+def test_killing_at_several_points_always_leaves_a_consistent_store(
+    big_inputs, reference, tmp_path
+):
     store = fresh_copy(big_inputs, tmp_path / "run")
     rows = big_inputs / "rows.csv"
     points = [
         ("as soon as the log has a line", bool),
-        ("mid-commit: logged, not yet saved", lambda kinds: kinds[-1:] == ["phenotype"]),
+        (
+            "mid-commit: logged, not yet saved",
+            lambda kinds: kinds[-1:] == ["phenotype"],
+        ),
         ("after 4 checkpoints", lambda kinds: kinds.count("saved") >= 4),
-        ("mid-commit again", lambda kinds: kinds[-1:] == ["phenotype"] and kinds.count("saved") >= 6),
+        (
+            "mid-commit again",
+            lambda kinds: kinds[-1:] == ["phenotype"] and kinds.count("saved") >= 6,
+        ),
     ]
     killed = []
     for name, when in points:
@@ -511,7 +683,7 @@ def test_killing_at_several_points_always_leaves_a_consistent_store(big_inputs, 
             killed.append(name)
         try:
             consistent(store)
-        except AssertionError as err:  # pragma: no cover - message for the failing point
+        except AssertionError as err:  # the message names the failing point
             msg = f"inconsistent after a kill {name}: {err}"
             raise AssertionError(msg) from err
     # The mid-commit windows are short: a run may finish before one is seen.
@@ -520,7 +692,9 @@ def test_killing_at_several_points_always_leaves_a_consistent_store(big_inputs, 
     consistent(store)
     assert_store_equal(strip_timestamps(pipeline.read_store(store)), reference)
     batches = changelog.committed_batches(store)
-    partitions = sorted(p for r in batches if "checkpoint" in r for p in r["checkpoint"]["partitions"])
+    partitions = sorted(
+        p for r in batches if "checkpoint" in r for p in r["checkpoint"]["partitions"]
+    )
     # Each partition is committed once, except one logged but never stored
     # (a kill between the log line and the store write), which a re-run redoes.
     assert set(partitions) == set(range(N_PARTS))
@@ -533,16 +707,34 @@ def test_killing_at_several_points_always_leaves_a_consistent_store(big_inputs, 
 
 def cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True, timeout=240, check=False
+        [sys.executable, "-m", "pipeline", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
     )
 
 
 def test_detect_checkpoint_every_resumes_and_refuses_replace(store_path):
-    common = ["detect", store_path, "--detector", "ShortTrack:min_snips=9", "--npartitions", "3", "--scheduler", "sync", "--quiet"]
+    common = [
+        "detect",
+        store_path,
+        "--detector",
+        "ShortTrack:min_snips=9",
+        "--npartitions",
+        "3",
+        "--scheduler",
+        "sync",
+        "--quiet",
+    ]
     first = cli(*common, "--checkpoint-every", "1")
     assert first.returncode == 0, first.stderr
     records = checkpoint_records(store_path)
-    assert sorted(p for r in records for p in r["checkpoint"]["partitions"]) == [0, 1, 2]
+    assert sorted(p for r in records for p in r["checkpoint"]["partitions"]) == [
+        0,
+        1,
+        2,
+    ]
     assert records[0]["inputs"]["command"] == "detect"
     again = cli(*common, "--checkpoint-every", "1")
     assert again.returncode == 0, again.stderr
@@ -551,7 +743,9 @@ def test_detect_checkpoint_every_resumes_and_refuses_replace(store_path):
     refused = cli(*common, "--checkpoint-every", "1", "--replace")
     assert refused.returncode == 2
     assert "Traceback" not in refused.stderr
-    assert refused.stderr.startswith("embryo-pipeline: error: --replace cannot be combined with --checkpoint-every")
+    assert refused.stderr.startswith(
+        "embryo-pipeline: error: --replace cannot be combined with --checkpoint-every"
+    )
     assert store_path.read_bytes() == before
     bad = cli(*common, "--checkpoint-every", "0")
     assert bad.returncode == 2
@@ -562,7 +756,19 @@ def test_assign_checkpoint_every_an_edited_file_is_another_run(store_path, tmp_p
     rows = tmp_path / "rows.csv"
     store = pipeline.read_store(store_path)
     make_assignments(store, n_rows=20, seed=2, bad_fraction=0).to_csv(rows, index=False)
-    common = ["assign", store_path, rows, "--author", AUTHOR, "--npartitions", "3", "--checkpoint-every", "2", "--scheduler", "sync"]
+    common = [
+        "assign",
+        store_path,
+        rows,
+        "--author",
+        AUTHOR,
+        "--npartitions",
+        "3",
+        "--checkpoint-every",
+        "2",
+        "--scheduler",
+        "sync",
+    ]
     first = cli(*common)
     assert first.returncode in (0, 1), first.stderr
     assert "checkpoint batches" in first.stdout

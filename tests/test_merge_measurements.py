@@ -45,7 +45,9 @@ def store_path(tmp_path):
 
 
 def snip_obj(store, snip_id):
-    return store.embryos[pipeline.ids.parse_snip_id(snip_id).embryo_id]["snips"][snip_id]
+    return store.embryos[pipeline.ids.parse_snip_id(snip_id).embryo_id]["snips"][
+        snip_id
+    ]
 
 
 def measurement_changes(rows):
@@ -76,7 +78,9 @@ def without_last_updated(data: bytes) -> bytes:
 
 
 def new_column_changes(store, snip_ids, column="area_mm2"):
-    return measurement_changes([(s, column, np.nan, 0.5 + i) for i, s in enumerate(snip_ids)])
+    return measurement_changes(
+        [(s, column, np.nan, 0.5 + i) for i, s in enumerate(snip_ids)]
+    )
 
 
 # ------------------------------------------------------------ single file
@@ -95,7 +99,13 @@ def test_a_new_column_is_written_logged_read_back_and_undone_byte_identical(stor
     assert report.counts == {"assigned": 5}
     again = pipeline.read_store(store_path)
     assert snip_obj(again, sids[0])["measurements"] == {"area_mm2": 0.5}
-    assert [snip_obj(again, s)["measurements"]["area_mm2"] for s in sids] == [0.5, 1.5, 2.5, 3.5, 4.5]
+    assert [snip_obj(again, s)["measurements"]["area_mm2"] for s in sids] == [
+        0.5,
+        1.5,
+        2.5,
+        3.5,
+        4.5,
+    ]
     table = pipeline.snips_from_store(again, npartitions=2).compute()
     assert table["area_mm2"].dtype == np.float64
     assert table.loc[sids, "area_mm2"].tolist() == [0.5, 1.5, 2.5, 3.5, 4.5]
@@ -106,8 +116,20 @@ def test_a_new_column_is_written_logged_read_back_and_undone_byte_identical(stor
     assert record["author"] == AUTHOR
     assert record["values_timestamp"] == STAMP
     first, second = record["changes"][:2]
-    assert first == ["snip", sids[0], "measurements.area_mm2", changelog.ABSENT_OBJECT, 0.5]
-    assert second == ["snip", sids[1], "measurements.area_mm2", changelog.ABSENT_KEY, 1.5]
+    assert first == [
+        "snip",
+        sids[0],
+        "measurements.area_mm2",
+        changelog.ABSENT_OBJECT,
+        0.5,
+    ]
+    assert second == [
+        "snip",
+        sids[1],
+        "measurements.area_mm2",
+        changelog.ABSENT_KEY,
+        1.5,
+    ]
     log = pipeline.read_changelog(store_path)
     assert set(log["field"]) == {"measurements.area_mm2"}
     assert set(log["target"]) == {"snip"}
@@ -117,7 +139,9 @@ def test_a_new_column_is_written_logged_read_back_and_undone_byte_identical(stor
     assert without_last_updated(store_path.read_bytes()) == without_last_updated(before)
     # And the undo is itself undoable.
     pipeline.undo(store, undone.batch_id)
-    assert snip_obj(pipeline.read_store(store_path), sids[0])["measurements"] == {"area_mm2": 0.5}
+    assert snip_obj(pipeline.read_store(store_path), sids[0])["measurements"] == {
+        "area_mm2": 0.5
+    }
 
 
 def test_existing_values_are_replaced_and_nan_writes_null(store_path):
@@ -142,7 +166,10 @@ def test_existing_values_are_replaced_and_nan_writes_null(store_path):
     assert "area_um2" in snip_obj(on_disk, a)["measurements"]
     assert snip_obj(on_disk, a)["measurements"]["area_um2"] is None
     assert snip_obj(on_disk, b)["measurements"]["area_um2"] == 12.25
-    assert snip_obj(on_disk, b)["measurements"]["length_um"] == snip_obj(store, b)["measurements"]["length_um"]
+    assert (
+        snip_obj(on_disk, b)["measurements"]["length_um"]
+        == snip_obj(store, b)["measurements"]["length_um"]
+    )
     table = on_disk.snip_table()
     assert np.isnan(table.loc[a, "area_um2"])
     pipeline.undo(store, report.batch_id)
@@ -158,7 +185,9 @@ def test_a_value_changed_since_is_a_conflict_unless_forced(store_path):
     snip_obj(other, sid)["measurements"]["area_um2"] = old + 1
     other.save()
     theirs = store_path.read_bytes()
-    with pytest.raises(MergeConflictError, match="changed since the change set was computed") as info:
+    with pytest.raises(
+        MergeConflictError, match="changed since the change set was computed"
+    ) as info:
         pipeline.merge_into_store(store, changes)
     assert sid in str(info.value)
     assert "'area_um2'" in str(info.value)
@@ -166,20 +195,33 @@ def test_a_value_changed_since_is_a_conflict_unless_forced(store_path):
     assert store_path.read_bytes() == theirs
     assert changelog.committed_batches(store_path) == []
     pipeline.merge_into_store(store, changes, force=True)
-    assert snip_obj(pipeline.read_store(store_path), sid)["measurements"]["area_um2"] == 1.0
+    assert (
+        snip_obj(pipeline.read_store(store_path), sid)["measurements"]["area_um2"]
+        == 1.0
+    )
     # A value where the change set expected none is stale too.
     fresh = pipeline.read_store(store_path)
-    with pytest.raises(MergeConflictError, match=r"expected no value \(absent or null\), found 1.0"):
-        pipeline.merge_into_store(fresh, measurement_changes([(sid, "area_um2", np.nan, 2.0)]))
+    with pytest.raises(
+        MergeConflictError, match=r"expected no value \(absent or null\), found 1.0"
+    ):
+        pipeline.merge_into_store(
+            fresh, measurement_changes([(sid, "area_um2", np.nan, 2.0)])
+        )
 
 
-@pytest.mark.parametrize("column", ["phenotype", "frame", "is_dead", "snip_id", "measurements", "flag_list"])
+@pytest.mark.parametrize(
+    "column", ["phenotype", "frame", "is_dead", "snip_id", "measurements", "flag_list"]
+)
 def test_a_column_named_like_the_snip_table_own_columns_is_refused(store_path, column):
     before = store_path.read_bytes()
     store = pipeline.read_store(store_path)
     sid = sorted(store.snip_table().index)[2]
-    with pytest.raises(ValueError, match=f"measurement column '{column}'.*collides.*{column}_measured") as info:
-        pipeline.merge_into_store(store, measurement_changes([(sid, column, np.nan, 1.0)]))
+    with pytest.raises(
+        ValueError, match=f"measurement column '{column}'.*collides.*{column}_measured"
+    ) as info:
+        pipeline.merge_into_store(
+            store, measurement_changes([(sid, column, np.nan, 1.0)])
+        )
     assert sid in str(info.value)
     assert store_path.read_bytes() == before
     assert not changelog.changelog_path(store_path).exists()
@@ -190,26 +232,45 @@ def test_bad_rows_say_what_where_and_how_to_fix(store_path):
     store = pipeline.read_store(store_path)
     sid = sorted(store.snip_table().index)[2]
     with pytest.raises(ValueError, match=r"not a valid measurement key.*non-blank"):
-        pipeline.merge_into_store(store, measurement_changes([(sid, "  ", np.nan, 1.0)]))
+        pipeline.merge_into_store(
+            store, measurement_changes([(sid, "  ", np.nan, 1.0)])
+        )
     with pytest.raises(ValueError, match=f"infinite.*{sid}.*'area_mm2'.*Write NaN"):
-        pipeline.merge_into_store(store, measurement_changes([(sid, "area_mm2", np.nan, np.inf)]))
+        pipeline.merge_into_store(
+            store, measurement_changes([(sid, "area_mm2", np.nan, np.inf)])
+        )
     missing = "20240102_A01_e01_s9999"
-    with pytest.raises(MergeConflictError, match=f"{missing}.*not in the store.*another store"):
-        pipeline.merge_into_store(store, measurement_changes([(sid, "area_mm2", np.nan, 1.0), (missing, "area_mm2", np.nan, 2.0)]))
+    with pytest.raises(
+        MergeConflictError, match=f"{missing}.*not in the store.*another store"
+    ):
+        pipeline.merge_into_store(
+            store,
+            measurement_changes(
+                [(sid, "area_mm2", np.nan, 1.0), (missing, "area_mm2", np.nan, 2.0)]
+            ),
+        )
     assert store_path.read_bytes() == before
     assert not changelog.changelog_path(store_path).exists()
-    with pytest.raises(ValueError, match="merge flag and measurement change sets with merge_into_store"):
-        pipeline.merge.merge_many(store, [measurement_changes([(sid, "area_mm2", np.nan, 1.0)])])
+    with pytest.raises(
+        ValueError, match="merge flag and measurement change sets with merge_into_store"
+    ):
+        pipeline.merge.merge_many(
+            store, [measurement_changes([(sid, "area_mm2", np.nan, 1.0)])]
+        )
 
 
 def test_dry_run_and_a_change_set_without_writes(store_path):
     before = store_path.read_bytes()
     store = pipeline.read_store(store_path)
     sid = sorted(store.snip_table().index)[2]
-    report = pipeline.merge_into_store(store, measurement_changes([(sid, "area_mm2", np.nan, 1.0)]), dry_run=True)
+    report = pipeline.merge_into_store(
+        store, measurement_changes([(sid, "area_mm2", np.nan, 1.0)]), dry_run=True
+    )
     assert report.dry_run
     assert report.n_written == 1
-    nothing = pipeline.merge_into_store(store, measurement_changes([(sid, "area_mm2", np.nan, 1.0, "failed")]))
+    nothing = pipeline.merge_into_store(
+        store, measurement_changes([(sid, "area_mm2", np.nan, 1.0, "failed")])
+    )
     assert nothing.batch_id is None
     assert nothing.exit_code == 1
     assert store_path.read_bytes() == before
@@ -223,8 +284,12 @@ def test_map_snips_to_changes_merge_with_checkpoints(store_path):
         return part["area_um2"] / 1e6
 
     result = pipeline.map_snips(snips, area_mm2, meta="float64")
-    changes = pipeline.to_changes(result, "measurement", column="area_mm2", author=AUTHOR, snips=snips)
-    report = pipeline.merge_into_store(store, changes, checkpoint_every=1, inputs={"measure": "area_mm2"})
+    changes = pipeline.to_changes(
+        result, "measurement", column="area_mm2", author=AUTHOR, snips=snips
+    )
+    report = pipeline.merge_into_store(
+        store, changes, checkpoint_every=1, inputs={"measure": "area_mm2"}
+    )
     assert len(report.batch_ids) == 3
     table = pipeline.read_store(store_path).snip_table()
     expected = table["area_um2"] / 1e6
@@ -233,7 +298,13 @@ def test_map_snips_to_changes_merge_with_checkpoints(store_path):
     snips = pipeline.snips_from_store(again, npartitions=3)
     rerun = pipeline.merge_into_store(
         again,
-        pipeline.to_changes(pipeline.map_snips(snips, area_mm2, meta="float64"), "measurement", column="area_mm2", author=AUTHOR, snips=snips),
+        pipeline.to_changes(
+            pipeline.map_snips(snips, area_mm2, meta="float64"),
+            "measurement",
+            column="area_mm2",
+            author=AUTHOR,
+            snips=snips,
+        ),
         checkpoint_every=1,
         inputs={"measure": "area_mm2"},
     )
@@ -252,7 +323,8 @@ def folder_bytes(root):
     return {
         p.relative_to(root).as_posix(): without_last_updated(p.read_bytes())
         for p in sorted(root.rglob("*.json"))
-        if not any(part.startswith(".") for part in p.relative_to(root).parts)  # backups, temporary files
+        # Not the backups and temporary files (hidden names).
+        if not any(part.startswith(".") for part in p.relative_to(root).parts)
     }
 
 
@@ -262,14 +334,18 @@ def test_sharded_store_new_column_read_back_and_undone_byte_identical(sharded):
     table = store.snip_table()
     # Every snip, so that every shard has the column (the sharded snip table
     # takes its measurement columns from one shard).
-    changes = measurement_changes([(s, "area_mm2", np.nan, float(i)) for i, s in enumerate(table.index)])
+    changes = measurement_changes(
+        [(s, "area_mm2", np.nan, float(i)) for i, s in enumerate(table.index)]
+    )
     report = pipeline.merge_into_store(store, changes)
     assert report.n_written == len(table)
     again = pipeline.read_store(sharded)
     lazy = pipeline.snips_from_store(again)
     assert "area_mm2" in lazy.columns
     computed = lazy.compute()
-    assert computed.loc[table.index, "area_mm2"].tolist() == [float(i) for i in range(len(table))]
+    assert computed.loc[table.index, "area_mm2"].tolist() == [
+        float(i) for i in range(len(table))
+    ]
     record = changelog.committed_batches(again.path)[0]
     assert record["kind"] == "measurement"
     assert record["author"] == AUTHOR
@@ -281,9 +357,16 @@ def test_sharded_store_touches_only_the_shard_it_changes(sharded):
     store = pipeline.read_store(sharded)
     shards = {e: store.shard_path(e).read_bytes() for e in store.shards}
     experiment = min(store.shards)
-    sid = next(s for s in sorted(store.shard(experiment)[next(iter(store.shard(experiment)))]["snips"]))
+    sid = next(
+        s
+        for s in sorted(
+            store.shard(experiment)[next(iter(store.shard(experiment)))]["snips"]
+        )
+    )
     old = current(store, sid, "area_um2")
-    pipeline.merge_into_store(store, measurement_changes([(sid, "area_um2", old, 42.0)]))
+    pipeline.merge_into_store(
+        store, measurement_changes([(sid, "area_um2", old, 42.0)])
+    )
     after = pipeline.read_store(sharded)
     assert snip_obj(after, sid)["measurements"]["area_um2"] == 42.0
     changed = [e for e in store.shards if store.shard_path(e).read_bytes() != shards[e]]
@@ -293,5 +376,7 @@ def test_sharded_store_touches_only_the_shard_it_changes(sharded):
     # A stale value on a sharded store is a conflict too, and writes nothing.
     snapshot = folder_bytes(sharded)
     with pytest.raises(MergeConflictError, match=sid):
-        pipeline.merge_into_store(after, measurement_changes([(sid, "area_um2", old, 43.0)]))
+        pipeline.merge_into_store(
+            after, measurement_changes([(sid, "area_um2", old, 43.0)])
+        )
     assert folder_bytes(sharded) == snapshot
