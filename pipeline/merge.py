@@ -19,6 +19,7 @@ Notes: triggers computation.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
 from collections.abc import Callable, Iterable
@@ -511,7 +512,7 @@ def _merge_checkpointed(
     nparts = changes.npartitions if lazy else 1
     key = run_key or run_key_of(kind, inputs or {}, nparts)
     notes: list[str] = []
-    done = _resumable(store, key, kind, nparts, notes, lock_timeout)
+    done = _resumable(store, key, kind, nparts, notes, lock_timeout, dry_run)
     todo = [i for i in range(nparts) if i not in done]
     pieces: dict[int, pd.DataFrame] = {}
     batch_ids: list[str] = []
@@ -537,16 +538,27 @@ def _merge_checkpointed(
         if batch_id is not None:
             batch_ids.append(batch_id)
 
-    if todo and not lazy:
-        commit([0], changes)
-    elif todo:
-        from pipeline.cluster import get_client
+    try:
+        if todo and not lazy:
+            commit([0], changes)
+        elif todo:
+            from pipeline.cluster import get_client
 
-        client = get_client()
-        if client is None:
-            _checkpoint_local(changes, todo, every, commit, progress)
-        else:
-            _checkpoint_distributed(client, changes, todo, every, commit, progress)
+            client = get_client()
+            if client is None:
+                _checkpoint_local(changes, todo, every, commit, progress)
+            else:
+                _checkpoint_distributed(client, changes, todo, every, commit, progress)
+    except BaseException as err:
+        if committed and not dry_run:
+            # Whatever the error says, this run's earlier checkpoints are in
+            # the store (e.g. a ClusterError's "nothing was written" is not).
+            err.add_note(
+                f"{committed} checkpoint(s) of run {key} were committed before this and stay in the store"
+                + (f" (last batch {batch_ids[-1]})" if batch_ids else "")
+                + "; run the same merge again to resume after them"
+            )
+        raise
     table = _concat([pieces[i] for i in sorted(pieces)], changes)
     report = _make_report(kind, table, store, dry_run)
     if kind == "flag" and not dry_run:
@@ -574,7 +586,9 @@ def _concat(tables: list[pd.DataFrame], changes: pd.DataFrame | dd.DataFrame) ->
     return pd.concat(tables, ignore_index=True)
 
 
-def _resumable(store: Store, key: str, kind: str, nparts: int, notes: list[str], lock_timeout: float) -> set[int]:
+def _resumable(
+    store: Store, key: str, kind: str, nparts: int, notes: list[str], lock_timeout: float, dry_run: bool
+) -> set[int]:
     """Partitions an earlier run under *key* committed and the store holds."""
     done: set[int] = set()
     ignored = 0
@@ -593,7 +607,7 @@ def _resumable(store: Store, key: str, kind: str, nparts: int, notes: list[str],
             # log line and the store write: trust the store's values.
             if saved or _holds(store, changes, after=True):
                 done.update(int(i) for i in checkpoint.get("partitions", []) if 0 <= int(i) < nparts)
-            elif _holds(store, changes, after=False):
+            elif not dry_run and _holds(store, changes, after=False):
                 # Logged, never written: say so in the log, so that neither
                 # undo nor read_changelog takes it for a batch of the store.
                 changelog.append_record(store.path, {
@@ -865,7 +879,10 @@ def _commit(
         changelog.append_record(store.path, {"batch_id": batch_id, "kind": "aborted", "author": author, "timestamp": now()})
         raise
     if extra and "checkpoint" in extra:
-        changelog.mark_saved(store.path, batch_id)
+        # The batch is in the store now: a marker that cannot be written only
+        # makes a re-run check the store's values instead of trusting it.
+        with contextlib.suppress(OSError):
+            changelog.mark_saved(store.path, batch_id)
     return batch_id
 
 

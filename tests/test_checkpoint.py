@@ -144,13 +144,17 @@ def test_rerun_after_a_failed_partition_resumes_and_ends_equal(
     expected = uninterrupted(tmp_path, store_path, rows)
     store = pipeline.read_store(store_path)
     seen = []
-    with pytest.raises(RuntimeError, match="partition 3 failed"):
+    with pytest.raises(RuntimeError, match="partition 3 failed") as info:
         pipeline.merge_into_store(
             store,
             watched(changes_of(store, rows), seen, fail_at=3),
             checkpoint_every=1,
             inputs=INPUTS,
         )
+    # The error says what stays in the store.
+    (note,) = info.value.__notes__
+    assert note.startswith("3 checkpoint(s) of run r-")
+    assert "run the same merge again to resume" in note
     committed = sorted(
         p for r in checkpoint_records(store_path) for p in r["checkpoint"]["partitions"]
     )

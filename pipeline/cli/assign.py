@@ -15,7 +15,10 @@ unusable input.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -75,6 +78,28 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def checkpoint_notes(args: argparse.Namespace) -> Iterator[None]:
+    """Say which checkpoints a failed or interrupted checkpointed run kept.
+
+    The merge notes them on the exception; this prints them to standard error
+    before the usual one-line error (an interrupt exits 130 here, instead of
+    claiming that nothing was written).
+    """
+    try:
+        yield
+    except BaseException as err:
+        notes = getattr(err, "__notes__", None) if getattr(args, "checkpoint_every", None) else None
+        if not notes:
+            raise
+        for note in notes:
+            print(f"embryo-pipeline: note: {note}", file=sys.stderr)
+        if isinstance(err, KeyboardInterrupt):
+            print("embryo-pipeline: interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+        raise
+
+
 def _common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="show what would change; write nothing")
     p.add_argument("--report", metavar="OUT.csv", help="write the whole change set to this CSV file")
@@ -116,12 +141,13 @@ def run_assign(args: argparse.Namespace) -> int:
             snips, table, author=args.author, on_existing=args.on_existing,
             overwrite_dead=args.overwrite_dead, vocabulary=store.vocabulary,
         )
-        report = pipeline.merge_into_store(
-            store, changes, dry_run=args.dry_run, checkpoint_every=args.checkpoint_every,
-            inputs={"command": "assign", "assignments": str(args.assignments), "on_existing": args.on_existing,
-                    "overwrite_dead": args.overwrite_dead, "author": args.author, "sheet": args.sheet,
-                    "assignments_sha256": file_digest(args.assignments)},
-        )
+        with checkpoint_notes(args):
+            report = pipeline.merge_into_store(
+                store, changes, dry_run=args.dry_run, checkpoint_every=args.checkpoint_every,
+                inputs={"command": "assign", "assignments": str(args.assignments), "on_existing": args.on_existing,
+                        "overwrite_dead": args.overwrite_dead, "author": args.author, "sheet": args.sheet,
+                        "assignments_sha256": file_digest(args.assignments)},
+            )
     return _finish(args, report)
 
 

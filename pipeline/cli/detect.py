@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.cli._common import UsageError, add_runtime_options, runtime, say
-from pipeline.cli.assign import add_checkpoint_option, file_digest
+from pipeline.cli.assign import add_checkpoint_option, checkpoint_notes, file_digest
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -144,28 +144,29 @@ def run_detect(args: argparse.Namespace) -> int:
         snips = pipeline.snips_from_store(store, npartitions=args.npartitions)
         changes = run_detectors(snips, chosen, store=store)
         try:
-            report = merge_into_store(
-                store,
-                changes,
-                dry_run=args.dry_run,
-                replace_authors=[author_of(d) for d in chosen]
-                if args.replace
-                else None,
-                strict=args.strict,
-                checkpoint_every=args.checkpoint_every,
-                inputs={
-                    "command": "detect",
-                    "detectors": [f"{d.name}:{_params_text(d)}" for d in chosen],
-                    "detectors_file": args.detectors_file,
-                    "replace": args.replace,
-                    "strict": args.strict,
-                    **(
-                        {"detectors_file_sha256": file_digest(args.detectors_file)}
-                        if args.detectors_file
-                        else {}
-                    ),
-                },
-            )
+            with checkpoint_notes(args):
+                report = merge_into_store(
+                    store,
+                    changes,
+                    dry_run=args.dry_run,
+                    replace_authors=[author_of(d) for d in chosen]
+                    if args.replace
+                    else None,
+                    strict=args.strict,
+                    checkpoint_every=args.checkpoint_every,
+                    inputs={
+                        "command": "detect",
+                        "detectors": [f"{d.name}:{_params_text(d)}" for d in chosen],
+                        "detectors_file": args.detectors_file,
+                        "replace": args.replace,
+                        "strict": args.strict,
+                        **(
+                            {"detectors_file_sha256": file_digest(args.detectors_file)}
+                            if args.detectors_file
+                            else {}
+                        ),
+                    },
+                )
         except MergeConflictError as err:
             if err.failure_cases is None or not len(err.failure_cases):
                 raise
