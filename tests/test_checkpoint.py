@@ -785,3 +785,29 @@ def test_assign_checkpoint_every_an_edited_file_is_another_run(store_path, tmp_p
     edited = cli(*common)
     assert edited.returncode in (0, 1), edited.stderr
     assert "resumed" not in edited.stdout
+
+
+def test_interrupted_cli_run_says_what_it_kept(big_inputs, reference, tmp_path):
+    store = fresh_copy(big_inputs, tmp_path / "run")
+    rows = big_inputs / "rows.csv"
+    proc = subprocess.Popen(
+        assign_cmd(store, rows),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if log_kinds(store).count("saved") >= 2:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.005)
+    _out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "embryo-pipeline: note: " in err
+    assert "checkpoint(s) of run r-" in err
+    assert "nothing was written" not in err
+    consistent(store)
+    rerun(store, rows)
+    assert_store_equal(strip_timestamps(pipeline.read_store(store)), reference)
