@@ -51,6 +51,7 @@ from pipeline.cluster import ClusterError, compute, get_client
 from pipeline.spreadsheet import SpreadsheetError, import_spreadsheet
 # 6 export
 from pipeline.export import ExportError, ExportResult, export_store, read_table, write_csv, write_feather, write_hdf5, write_parquet, write_table
+from pipeline.estimate import estimate_resources
 from pipeline import testing
 
 # Jupyter: plot imports matplotlib only when a figure is drawn
@@ -115,6 +116,8 @@ __all__ = [
     "get_client",
     "compute",
     "ClusterError",
+    # resource estimates
+    "estimate_resources",
     # helpers
     "testing",
     # Jupyter

@@ -1,0 +1,366 @@
+"""Resource estimates (issue 10): measure the costs behind ``pipeline.estimate.COSTS``.
+
+Runs the real operations on generated single-file stores of two sizes
+(``make_cohort(n, seed=1)``, default 20,000 and 200,000 snips), each in a fresh
+process, and fits a fixed + per-snip line (time and peak RSS) through the two
+sizes for every stage:
+
+- ``startup``: ``python -m pipeline --version`` (interpreter, imports, the
+  argument parser); a fixed cost;
+- ``load`` (``read_store``: read, parse, check, build the snip table),
+  ``flatten`` (``snips_from_store``), ``assign`` / ``detect`` (computing the
+  change set), ``merge_assign`` / ``merge_detect`` (``merge_into_store``:
+  apply, re-check, change log, durable save) and ``export`` (``export_store``
+  of the open store to partitioned Parquet, flatten included): one child
+  process per operation runs its stages in order with Dask's sync scheduler,
+  timing each and reading the process's peak RSS during it (``VmHWM``, reset
+  between stages through ``/proc/self/clear_refs``). ``assign`` and its merge
+  also get a third point (4x the assignment rows) for a per-row term.
+- ``cluster``: the embedded in-process ``LocalCluster`` the CLI starts by
+  default, as the difference between ``embryo-pipeline OP`` and
+  ``embryo-pipeline OP --scheduler sync`` end to end;
+- ``workers``: the extra of ``--workers 2`` over the default, end to end.
+
+- ``overhead``: the ``--scheduler sync`` runs end to end minus ``startup``
+  and the stages: what the stage children do not see (the CLI's own work,
+  such as reading the assignment file and the report, and the interpreter's
+  exit), and the difference in machine load between the runs; it may come
+  out negative at small sizes.
+
+Every run is a fresh process measured with
+:func:`pipeline.estimate.measure_command` (wall time, and the peak RSS from
+``getrusage(RUSAGE_CHILDREN)`` of a small launcher process); times and peaks
+are the median of ``--repeat`` runs (``--best``: the best time). :func:`pipeline.estimate.calibrate`
+runs before every measurement and the table records the median as
+``"calibration"``: ``estimate_resources(..., speed="measure")`` compares a
+fresh calibration with it to carry the times over to another machine or load.
+(``--normalise`` also scales each time by the median / its own calibration;
+on a shared machine the calibrations vary by 2x between runs, so by default
+the times are left as measured.)
+
+Run it from a clean export of the commit being measured (``git archive HEAD``
+and ``PYTHONPATH`` pointing there) when others are editing the working tree.
+
+It prints the ``COSTS`` table to paste into ``pipeline/estimate.py`` and,
+as a check, each end-to-end run beside the estimate the fitted table gives.
+
+    /work/venv/bin/python benchmarks/bench_estimate.py [--sizes 20000 200000] [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import platform
+import pprint
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.estimate import calibrate, measure_command
+
+DATA = Path(__file__).parent / "data" / "estimate"
+ROWS_PER_SNIP = 0.02  # 20,000 assignment rows per million snips, as in issue 4
+
+
+# ------------------------------------------------------------------ child
+def child(op: str, store_path: str, rows_path: str, out_path: str, scratch: str) -> None:
+    """Run one operation stage by stage (sync scheduler) and write the timings."""
+    import dask
+
+    import pipeline
+    from pipeline.detectors import BUILTINS
+    from pipeline.estimate import peak_rss, reset_peak_rss
+
+    dask.config.set(scheduler="sync")
+    record: dict[str, dict[str, float]] = {}
+    base = peak_rss()
+    state: dict[str, object] = {}
+
+    def stage(name, fn):
+        reset_peak_rss()
+        start = time.perf_counter()
+        state[name] = fn()
+        record[name] = {"seconds": time.perf_counter() - start, "peak": peak_rss()}
+
+    stage("load", lambda: pipeline.read_store(store_path))
+    store = state["load"]
+    if op == "export":
+        stage("export", lambda: pipeline.export_store(store, Path(scratch) / "export"))
+    else:
+        stage("flatten", lambda: pipeline.snips_from_store(store))
+        snips = state["flatten"]
+        if op == "assign":
+            rows = pipeline.read_assignments(Path(rows_path))
+            stage("assign", lambda: pipeline.assign_phenotypes(
+                snips, rows, author="bench", vocabulary=store.vocabulary).compute())
+        else:
+            stage("detect", lambda: pipeline.run_detectors(
+                snips, [cls() for cls in BUILTINS.values()], store=store).compute())
+        changes = state[op]
+        stage(f"merge_{op}", lambda: pipeline.merge_into_store(store, changes, inputs={"command": op}))
+    table = store.snip_table()
+    Path(out_path).write_text(json.dumps({
+        "stages": record,
+        "base": base,
+        "n_snips": len(table),
+        "table_bytes": int(table.memory_usage(deep=True).sum()),
+        "changes": len(state.get(op, [])) if op != "export" else 0,
+    }))
+
+
+# ----------------------------------------------------------------- parent
+def ensure_store(n: int, rows_per_snip: tuple[float, ...]) -> tuple[Path, dict[float, Path]]:
+    """The store of about *n* snips and its assignment files (created once)."""
+    DATA.mkdir(parents=True, exist_ok=True)
+    path = DATA / f"store_{n}.json"
+    rows = {r: DATA / f"rows_{n}_{r:g}.csv" for r in rows_per_snip}
+    if not path.exists() or not all(p.exists() for p in rows.values()):
+        from pipeline.store import Store
+        from pipeline.testing import make_assignments, make_cohort
+
+        store = Store(make_cohort(n, seed=1))
+        store.save(path, backups=0)
+        snips = store.counts()["snips"]
+        for r, p in rows.items():
+            make_assignments(store, n_rows=max(1, round(snips * r)), seed=4).to_csv(p, index=False)
+    return path, rows
+
+
+def scratch_copy(path: Path, scratch: Path) -> Path:
+    for old in scratch.iterdir():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    target = scratch / path.name
+    shutil.copyfile(path, target)
+    return target
+
+
+class Runner:
+    """Measurements normalised by a calibration taken just before each."""
+
+    def __init__(self) -> None:
+        self.calibrations: list[float] = []
+        self.raw: list[dict] = []
+        self.normalise = False
+
+    def measure(self, kind: str, argv: list[str], **info) -> dict:
+        cal = calibrate(5)
+        self.calibrations.append(cal)
+        result = measure_command(argv)
+        result.update(info, kind=kind, calibration=cal, load=os.getloadavg()[0])
+        self.raw.append(result)
+        return result
+
+    def scale(self, result: dict) -> float:
+        """Factor that brings a time measured with *result*'s calibration to the median's (with --normalise)."""
+        if not self.normalise:
+            return 1.0
+        return statistics.median(self.calibrations) / result["calibration"]
+
+
+def line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares fixed + slope through (n, value) points (two: exact)."""
+    xs = [p[0] for p in points]
+    ys = [p[1] for p in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
+    return my - slope * mx, slope
+
+
+def plane(points: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    """Exact a + b*n + c*rows through three (n, rows, value) points."""
+    import numpy as np
+
+    a = np.array([[1.0, n, r] for n, r, _ in points])
+    y = np.array([v for *_, v in points])
+    sol = np.linalg.lstsq(a, y, rcond=None)[0]
+    return float(sol[0]), float(sol[1]), float(sol[2])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs=2, default=[20_000, 200_000])
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--refit", action="store_true", help="fit and print again from the last run's measurements")
+    parser.add_argument("--best", action="store_true", help="fit the best (not the median) time of the repeats")
+    parser.add_argument("--normalise", action="store_true",
+                        help="scale each time by (median calibration / the calibration taken just before it)")
+    parser.add_argument("--child", nargs=5, metavar=("OP", "STORE", "ROWS", "OUT", "SCRATCH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+
+    if args.refit:
+        with open(DATA / "last_run.pkl", "rb") as fh:
+            fit(**pickle.load(fh), normalise=args.normalise, best=args.best)
+        return
+    sizes, repeat = args.sizes, args.repeat
+    py = sys.executable
+    started = time.time()
+    print(f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, load {os.getloadavg()}", flush=True)
+    runner = Runner()
+    stores = {}
+    for n in sizes:
+        stores[n] = ensure_store(n, (ROWS_PER_SNIP, 4 * ROWS_PER_SNIP))
+    big = max(sizes)
+    stage_runs: dict[tuple[int, float, str], list[dict]] = {}
+    e2e: dict[tuple[int, str, str], list[dict]] = {}
+    startup: list[dict] = []
+    meta: dict[int, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_estimate_") as tmp:
+        scratch = Path(tmp) / "scratch"
+        scratch.mkdir()
+        out = Path(tmp) / "stages.json"
+        for _ in range(repeat):
+            startup.append(runner.measure("startup", [py, "-m", "pipeline", "--version"]))
+            for n in sizes:
+                path, rows = stores[n]
+                plans = [("export", ROWS_PER_SNIP), ("assign", ROWS_PER_SNIP), ("detect", ROWS_PER_SNIP)]
+                if n == big:
+                    plans.append(("assign", 4 * ROWS_PER_SNIP))
+                for op, rps in plans:
+                    copy = scratch_copy(path, scratch)
+                    res = runner.measure("stages", [py, __file__, "--child", op, str(copy), str(rows[rps]), str(out), str(scratch)])
+                    if res["returncode"] != 0:
+                        msg = f"the {op} stage run failed (exit {res['returncode']}); rerun it alone to see why"
+                        raise SystemExit(msg)
+                    res["child"] = json.loads(out.read_text())
+                    out.unlink()
+                    meta[n] = {"n_snips": res["child"]["n_snips"], "table_bytes": res["child"]["table_bytes"],
+                               "file_bytes": path.stat().st_size, "base": res["child"]["base"]}
+                    res["rows"] = len(rows[rps].read_text().splitlines()) - 1
+                    stage_runs.setdefault((n, rps, op), []).append(res)
+                    print(f"  stages {op:6s} n={n:>7,} rows={res['rows']:>6,}: "
+                          + ", ".join(f"{k} {v['seconds']:.2f} s / {v['peak'] / MiB:.0f} MiB" for k, v in res["child"]["stages"].items()),
+                          flush=True)
+                for op in ("export", "assign", "detect"):
+                    for mode, extra in (("sync", ["--scheduler", "sync"]), ("default", []), ("workers-2", ["--workers", "2"])):
+                        copy = scratch_copy(path, scratch)
+                        argv = {"assign": ["assign", str(copy), str(rows[ROWS_PER_SNIP]), "--author", "bench"],
+                                "detect": ["detect", str(copy)],
+                                "export": ["export", str(copy), str(scratch / "export")]}[op]
+                        res = runner.measure("cli", [py, "-m", "pipeline", *argv, "--quiet", "--dashboard-address", "none", *extra],
+                                             n=n, op=op, mode=mode)
+                        if res["returncode"] not in (0, 1):
+                            msg = f"embryo-pipeline {op} ({mode}) failed (exit {res['returncode']})"
+                            raise SystemExit(msg)
+                        e2e.setdefault((n, op, mode), []).append(res)
+                        print(f"  cli {op:6s} {mode:9s} n={n:>7,}: {res['wall']:.2f} s, {res['peak'] / MiB:.0f} MiB, "
+                              f"rc {res['returncode']}, calibration {res['calibration'] * 1e3:.0f} ms, load {res['load']:.1f}", flush=True)
+    saved = {"sizes": sizes, "repeat": repeat, "started": started, "calibrations": runner.calibrations,
+             "stage_runs": stage_runs, "e2e": e2e, "startup": startup, "meta": meta, "stores": stores}
+    with open(DATA / "last_run.pkl", "wb") as fh:
+        pickle.dump(saved, fh)
+    fit(**saved, normalise=args.normalise, best=args.best)
+
+
+def fit(sizes, repeat, started, calibrations, stage_runs, e2e, startup, meta, stores, normalise=False, best=False) -> None:
+    """Fit the table from the measurements and print it with the check."""
+    from pipeline.estimate import STAGES, estimate_resources
+
+    runner = Runner()
+    runner.calibrations = calibrations
+    runner.normalise = normalise
+    pick = min if best else statistics.median
+    big = max(sizes)
+
+    def best_stage(n, rps, op, name):
+        runs = stage_runs[(n, rps, op)]
+        secs = pick(r["child"]["stages"][name]["seconds"] * runner.scale(r) for r in runs)
+        peak = statistics.median(r["child"]["stages"][name]["peak"] for r in runs)
+        return secs, peak
+
+    def best_e2e(n, op, mode):
+        runs = e2e[(n, op, mode)]
+        return pick(r["wall"] * runner.scale(r) for r in runs), statistics.median(r["peak"] for r in runs)
+
+    ns = {n: meta[n]["n_snips"] for n in sizes}
+    rows_of = {key: runs[0]["rows"] for key, runs in stage_runs.items()}
+    costs: dict[str, object] = {}
+    costs["calibration"] = round(statistics.median(runner.calibrations), 4)
+    st = pick(r["wall"] * runner.scale(r) for r in startup)
+    costs["startup"] = {"seconds": round(st, 3), "peak_bytes": int(statistics.median(r["peak"] for r in startup))}
+
+    def fit_line(op, name):
+        pts_t = [(ns[n], best_stage(n, ROWS_PER_SNIP, op, name)[0]) for n in sizes]
+        pts_m = [(ns[n], best_stage(n, ROWS_PER_SNIP, op, name)[1]) for n in sizes]
+        return pts_t, pts_m
+
+    def entry(t_fixed, t_per, m_fixed, m_per, t_row=None, m_row=None):
+        e = {"fixed_s": round(max(0.0, t_fixed), 4), "s_per_snip": float(f"{max(0.0, t_per):.4g}"),
+             "fixed_bytes": int(max(0, m_fixed)), "bytes_per_snip": round(max(0.0, m_per), 1)}
+        if t_row is not None:
+            e["s_per_row"] = float(f"{max(0.0, t_row):.4g}")
+            e["bytes_per_row"] = round(max(0.0, m_row or 0.0), 1)
+        return e
+
+    for name, ops in (("load", ("export", "assign", "detect")), ("flatten", ("assign", "detect")),
+                      ("detect", ("detect",)), ("merge_detect", ("detect",)), ("export", ("export",))):
+        t_pts, m_pts = [], []
+        for op in ops:
+            a, b = fit_line(op, name)
+            t_pts += a
+            m_pts += b
+        tf, tp = line(t_pts)
+        mf, mp = line(m_pts)
+        costs[name] = entry(tf, tp, mf, mp)
+    for name in ("assign", "merge_assign"):
+        keys = [(n, ROWS_PER_SNIP, "assign") for n in sizes] + [(big, 4 * ROWS_PER_SNIP, "assign")]
+        t3 = plane([(ns[k[0]], rows_of[k], best_stage(*k, name)[0]) for k in keys])
+        m3 = plane([(ns[k[0]], rows_of[k], best_stage(*k, name)[1]) for k in keys])
+        costs[name] = entry(t3[0], t3[1], m3[0], m3[1], t3[2], m3[2])
+    # What the stage children do not see: the CLI's own work (argument
+    # checks, reading the assignment file, the report) and the exit; on a
+    # shared machine also the difference in load between the runs.
+    t_pts = []
+    for op in ("export", "assign", "detect"):
+        for n in sizes:
+            parts = sum(best_stage(n, ROWS_PER_SNIP, op, name)[0] for name in STAGES[op])
+            t_pts.append((ns[n], best_e2e(n, op, "sync")[0] - st - parts))
+    tf, tp = line(t_pts)
+    costs["overhead"] = entry(tf, tp, 0, 0)
+    costs["overhead"]["fixed_s"] = round(tf, 4)  # may be negative: a correction to the sum of the parts
+    for name, (base_mode, mode) in (("cluster", ("sync", "default")), ("workers", ("default", "workers-2"))):
+        t_pts, m_pts = [], []
+        for op in ("export", "assign", "detect"):
+            for n in sizes:
+                t0, m0 = best_e2e(n, op, base_mode)
+                t1, m1 = best_e2e(n, op, mode)
+                t_pts.append((ns[n], t1 - t0))
+                m_pts.append((ns[n], m1 - m0))
+        tf, tp = line(t_pts)
+        mf, mp = line(m_pts)
+        costs[name] = entry(tf, tp, mf, mp)
+    costs["file_bytes_per_snip"] = round(statistics.fmean(meta[n]["file_bytes"] / ns[n] for n in sizes), 1)
+    costs["table_bytes_per_snip"] = round(statistics.fmean(meta[n]["table_bytes"] / ns[n] for n in sizes), 1)
+    costs["measured"] = (f"benchmarks/bench_estimate.py --sizes {' '.join(map(str, sizes))} --repeat {repeat}, "
+                         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, {os.cpu_count()} CPUs")
+
+    print("\nCOSTS = " + pprint.pformat(costs, sort_dicts=False, width=110))
+
+    print("\ncheck: end-to-end runs (normalised to the median calibration) against the fitted table")
+    print("| op | mode | snips | measured s | predicted s | ratio | measured MiB | predicted MiB | ratio |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    workers_of = {"sync": 0, "default": 0, "workers-2": 2}
+    for (n, op, mode), _runs in sorted(e2e.items()):
+        t, m = best_e2e(n, op, mode)
+        est = estimate_resources(stores[n][0], op, workers=workers_of[mode], n_snips=ns[n],
+                                 n_rows=round(ns[n] * ROWS_PER_SNIP), costs=costs,
+                                 scheduler="sync" if mode == "sync" else None)
+        print(f"| {op} | {mode} | {ns[n]:,} | {t:.2f} | {est.seconds:.2f} | {t / est.seconds:.2f} "
+              f"| {m / MiB:.0f} | {est.peak_bytes / MiB:.0f} | {m / est.peak_bytes:.2f} |")
+    print(f"\ncalibrations: min {min(runner.calibrations) * 1e3:.0f} ms, median {statistics.median(runner.calibrations) * 1e3:.0f} ms, "
+          f"max {max(runner.calibrations) * 1e3:.0f} ms; load at the end {os.getloadavg()}; total {time.time() - started:.0f} s")
+
+
+MiB = 1024**2
+
+if __name__ == "__main__":
+    main()
