@@ -320,8 +320,11 @@ def merge_into_store(
     record also names the run and the partitions it covers; a checkpoint whose
     partitions changed nothing is recorded too (no store write), so a re-run
     does not compute them again. Partitions never split an embryo (they hold
-    whole videos), so the checkpoints of a run touch disjoint snips and
-    embryos. With a distributed client every remaining partition is submitted
+    whole videos), so the checkpoints of a run touch disjoint snips, embryos,
+    images and videos; only an experiment-level flag raised by several
+    partitions is written by several checkpoints, the last committed one
+    winning (on a distributed client, the order partitions finish in). With a
+    distributed client every remaining partition is submitted
     at once and a checkpoint is committed each time *checkpoint_every* more
     have finished; on Dask's local schedulers groups of *checkpoint_every*
     partitions are computed one after the other (in parallel within a group).
