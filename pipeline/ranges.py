@@ -1126,52 +1126,64 @@ def _string_buffers(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 def _find_snip_ids(
     index: pd.Index,
-    candidates: np.ndarray,
-    owner: np.ndarray,
+    block_start: np.ndarray,
+    block_len: np.ndarray,
     wanted_len: np.ndarray,
     wanted_tail: np.ndarray,
     wanted: pa.Array,
 ) -> np.ndarray:
-    """Which *candidates* (``index`` positions) hold the snip id their owner wants.
+    """Where each wanted snip id first occurs in its block of *index*.
 
-    *owner* maps each candidate to a wanted id (*wanted*, with its fingerprint
-    *wanted_len*, *wanted_tail* from :func:`_fingerprint`). The fingerprints
-    are compared first, over the arrow buffers without building a string:
-    the byte length, then (for ids of at least 8 bytes) the last 8 bytes read
-    as one int64. Only candidates that pass are compared as strings, so an
-    exact comparison decides every match.
+    Wanted id i (*wanted*, with its fingerprint *wanted_len*, *wanted_tail*
+    from :func:`_fingerprint`) is looked for among ``index[block_start[i]:
+    block_start[i] + block_len[i]]`` only. The fingerprints are compared
+    first, over the arrow buffers without building a string: the byte length,
+    and (for ids of at least 8 bytes) the last 8 bytes read as one int64.
+    Only candidates that pass are compared as strings, so an exact comparison
+    decides every match.
 
     Returns
     -------
     numpy.ndarray of int64
-        Ascending indices into *candidates* of exact matches.
+        The ``index`` position of each wanted id's first match, -1 if none.
     """
+    result = np.full(block_start.size, -1, dtype=np.int64)
+    heads = np.cumsum(block_len) - block_len
+    # Candidate k of id i is index position block_start[i] + (k - heads[i]).
+    shift = np.repeat(block_start - heads, block_len)
+    candidates = np.arange(shift.size, dtype=np.int64) + shift
     if _is_arrow_text(index):
         strings, at = _arrow_strings(index), candidates
     else:
         strings, at = _arrow_strings(index, candidates), None
     offsets, data = _string_buffers(strings)
     if at is None:
-        ends = offsets[1:]
-        lengths = np.diff(offsets)
+        ends, lengths = offsets[1:], np.diff(offsets)
     else:
         ends = offsets[at + 1]
         lengths = ends - offsets[at]
-    maybe = np.flatnonzero(lengths == wanted_len[owner])
-    long = wanted_len[owner[maybe]] >= _TAIL
-    if long.any():
+    ok = lengths == np.repeat(wanted_len, block_len)
+    if data.size >= _TAIL:
         tails = np.ndarray(
             (data.size - _TAIL + 1,), dtype="<i8", buffer=data, strides=(1,)
         )
-        checked = maybe[long]
-        same_tail = tails[ends[checked] - _TAIL] == wanted_tail[owner[checked]]
-        long[long] = same_tail
-        maybe = maybe[long | (wanted_len[owner[maybe]] < _TAIL)]
+        tail = tails[np.clip(ends - _TAIL, 0, data.size - _TAIL)]
+        same = tail == np.repeat(wanted_tail, block_len)
+        short = wanted_len < _TAIL
+        ok &= same | np.repeat(short, block_len) if short.any() else same
+    maybe = np.flatnonzero(ok)
     if maybe.size == 0:
-        return maybe
-    mine = pa.array(maybe if at is None else at[maybe])
-    same = pc.equal(strings.take(mine), wanted.take(pa.array(owner[maybe])))
-    return maybe[pc.fill_null(same, False).to_numpy(zero_copy_only=False)]
+        return result
+    owner = np.searchsorted(heads, maybe, side="right") - 1
+    mine = pa.array(candidates[maybe] if at is None else at[maybe])
+    exact = pc.equal(strings.take(mine), wanted.take(pa.array(owner)))
+    hits = np.flatnonzero(pc.fill_null(exact, False).to_numpy(zero_copy_only=False))
+    # Hits ascend, so the first hit of each id is its first match.
+    owner, hits = owner[hits], maybe[hits]
+    earliest = np.ones(hits.size, dtype=bool)
+    earliest[1:] = owner[1:] != owner[:-1]
+    result[owner[earliest]] = candidates[hits[earliest]]
+    return result
 
 
 def _blocks(part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -1512,18 +1524,13 @@ def expand_ranges(
             itertools.chain.from_iterable(specs[c]._snips for c in snip_specs.tolist())
         )
         wanted = snip_text[item_rec[sel]]
-        owner, candidates = _ranges(start0[sel], n[sel])
-        match = _find_snip_ids(
-            part.index, candidates, owner, fields[6][sel], fields[7][sel],
+        where = _find_snip_ids(
+            part.index, start0[sel], n[sel], fields[6][sel], fields[7][sel],
             pa.array(wanted, type=pa.large_string()),
         )  # fmt: skip
-        # The first match of each item, as list.index would give.
-        earliest = np.ones(match.size, dtype=bool)
-        earliest[1:] = owner[match[1:]] != owner[match[:-1]]
-        match = match[earliest]
-        found = sel[owner[match]]
-        first[found] = candidates[match] - start0[found]
-        count[found] = 1
+        found = where >= 0
+        first[sel[found]] = where[found] - start0[sel[found]]
+        count[sel[found]] = 1
         lost = np.flatnonzero(count[sel] == 0)
         report.add(
             sel[lost], UNKNOWN_SNIP_ID, pa.array(wanted[lost], type=pa.string()),
