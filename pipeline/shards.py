@@ -784,7 +784,7 @@ def _merge_shard(
     vocab : dict
         The vocabulary in force.
     kind : str
-        ``phenotype``, ``genotype`` or ``flag``.
+        ``phenotype``, ``genotype``, ``measurement`` or ``flag``.
     part : pandas.DataFrame
         The rows of the change set that fall in this shard, in batch order.
     replace : list of str
@@ -829,6 +829,8 @@ def _merge_shard(
         merge._apply_phenotypes(one, part, log, undo_ops, force)
     elif kind == "genotype":
         merge._apply_genotypes(one, part, log, undo_ops, force)
+    elif kind == "measurement":
+        merge._apply_measurements(one, part, log, undo_ops, force)
     else:
         merge._apply_flags(one, part, replace, log, undo_ops)
         _restamp(log, stamp)
@@ -854,6 +856,13 @@ def _route(store: ShardedStore, kind: str, writes: pd.DataFrame) -> tuple[np.nda
     """Per row: the rank of its shard in the index (-1: the index itself), and its entity key."""
     if kind == "flag":
         keys = (writes["level"].astype(str) + "\x00" + writes["entity_id"].astype(str)).to_numpy(dtype=object)
+    elif kind == "measurement":
+        # Measurement rows may leave embryo_id empty: it follows from the snip.
+        emb = writes["embryo_id"].astype(object).to_numpy(dtype=object)
+        sids = writes["snip_id"].astype(object).to_numpy(dtype=object)
+        keys = np.array(
+            [e if isinstance(e, str) else _embryo_of_snip(s) for e, s in zip(emb, sids, strict=True)], dtype=object
+        )
     else:
         keys = writes["embryo_id"].astype(str).to_numpy(dtype=object)
     codes, uniques = pd.factorize(keys)
@@ -874,6 +883,13 @@ def _route(store: ShardedStore, kind: str, writes: pd.DataFrame) -> tuple[np.nda
             raise _not_in_store(entity)
         where[i] = rank[experiment]
     return where[codes], keys
+
+
+def _embryo_of_snip(snip_id: Any) -> str:
+    try:
+        return ids.parse_snip_id(snip_id).embryo_id
+    except ValueError:
+        raise _not_in_store(snip_id) from None
 
 
 def _unsaved_shards(store: ShardedStore) -> list[str]:
@@ -937,6 +953,7 @@ def apply_sharded(
     replace: Iterable[str] = (),
     force: bool = False,
     inputs: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
     backups: int = 5,
     client: Any = None,
 ) -> tuple[str | None, int]:
@@ -959,10 +976,11 @@ def apply_sharded(
     store : ShardedStore
         The store, its lock held by the caller (``store.locked()``).
     kind : str
-        ``phenotype``, ``genotype`` or ``flag``.
+        ``phenotype``, ``genotype``, ``measurement`` or ``flag``.
     writes : pandas.DataFrame
         The rows to write: those of the change set with status ``assigned``
-        or ``backfilled`` (``raised`` for flags).
+        or ``backfilled`` (``assigned`` for measurements, ``raised`` for
+        flags), as ``pipeline.merge`` selects them.
     replace : iterable of str, optional
         Flag batches: first clear the flags these authors raised earlier and
         that the batch does not raise again (every shard is visited).
@@ -970,6 +988,12 @@ def apply_sharded(
         Write even where a value changed since the change set was computed.
     inputs : dict, optional
         What produced the batch, recorded in the change log.
+    extra : dict, optional
+        More keys of the change-log record (``pipeline.merge`` adds a
+        checkpoint's ``checkpoint``, a measurement batch's ``author`` and
+        ``values_timestamp``). With ``checkpoint``, a ``saved`` marker follows
+        the record once the files are committed. Nothing is recorded when
+        nothing changed (the caller records an empty checkpoint).
     backups : int, default 5
         Backups kept of each replaced file.
     client : distributed.Client, optional
@@ -982,7 +1006,7 @@ def apply_sharded(
         The batch in the change log; None when nothing changed.
     n_entries : int
         Change-log entries of the batch (a flag merge reports them as the
-        values written).
+        values written); 0 when nothing changed.
 
     Raises
     ------
@@ -1005,8 +1029,8 @@ def apply_sharded(
     from pipeline import changelog, merge
     from pipeline.cluster import get_client
 
-    if kind not in ("phenotype", "genotype", "flag"):
-        msg = f"kind must be 'phenotype', 'genotype' or 'flag', got {kind!r}"
+    if kind not in ("phenotype", "genotype", "measurement", "flag"):
+        msg = f"kind must be 'phenotype', 'genotype', 'measurement' or 'flag', got {kind!r}"
         raise ValueError(msg)
     replace = sorted(set(replace or ()))
     if store.changed_on_disk():
@@ -1072,7 +1096,7 @@ def apply_sharded(
         first = ~pd.Series(keys).duplicated().to_numpy()
         first_of = dict(zip(keys[first], np.flatnonzero(first), strict=True))
     keyed: list[tuple[int, list[Any]]] = []
-    extra = 2 * n
+    next_key = 2 * n
     for exp, entries in [(None, top_log), *((e, results[e]["log"]) for e in visit)]:
         pos = positions.get(exp) if exp is not None else None
         for j, entry in enumerate(entries):
@@ -1080,7 +1104,7 @@ def apply_sharded(
                 level, _, entity = entry[1].partition(":")
                 k = first_of.get(f"{level}\x00{entity}")
                 if k is None:  # found through replace: after the batch's own rows
-                    k, extra = extra, extra + 1
+                    k, next_key = next_key, next_key + 1
             elif j < len(pos):
                 k = pos[j]
             else:  # death_frame, after every snip entry
@@ -1104,7 +1128,9 @@ def apply_sharded(
         "store": str(store.path),
         "inputs": inputs or {},
         "changes": log,
+        **(extra or {}),
     }
+    author = record["author"]
     file_info = store.index["file_info"]
     updated = file_info.get("last_updated")
     try:
@@ -1139,4 +1165,6 @@ def apply_sharded(
             )
             raise
     _forget_shards(store)
+    if extra and "checkpoint" in extra:
+        changelog.mark_saved(store.path, batch_id)
     return batch_id, len(log)

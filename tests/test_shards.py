@@ -11,13 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dask
+import numpy as np
 import pandas as pd
 import pytest
 
 import pipeline
 from pipeline import changelog
 from pipeline.errors import MergeConflictError
-from pipeline.schema import FLAG_CHANGE_COLUMNS
+from pipeline.schema import FLAG_CHANGE_COLUMNS, MEASUREMENT_CHANGE_COLUMNS
 from pipeline.shards import (
     JOURNAL,
     ShardedStore,
@@ -251,6 +252,8 @@ def _writes(changes: pd.DataFrame, kind: str) -> pd.DataFrame:
     """The rows merge_into_store writes."""
     if kind == "flag":
         return changes.loc[changes["status"] == "raised"]
+    if kind == "measurement":
+        return changes.loc[changes["status"] == "assigned"]
     return changes.loc[changes["status"].isin(["assigned", "backfilled"])]
 
 
@@ -324,9 +327,31 @@ def _flag_changes(single: Path) -> pd.DataFrame:
     return table.astype(FLAG_CHANGE_COLUMNS)
 
 
+def _measurement_changes(single: Path) -> pd.DataFrame:
+    """A new measurement on every 7th snip and a changed one on every 11th (some without embryo_id)."""
+    table = pipeline.read_store(single).snip_table()
+    fresh = table.index[::7]
+    changed = table.index[::11]
+    frame = pd.DataFrame(
+        {
+            "snip_id": [*fresh, *changed],
+            "embryo_id": [*table.loc[fresh, "embryo_id"], *([None] * len(changed))],
+            "column": ["area_mm2"] * len(fresh) + ["length_um"] * len(changed),
+            "old_value": [np.nan] * len(fresh) + list(table.loc[changed, "length_um"]),
+            "new_value": [i / 10 for i in range(len(fresh))] + [np.nan if i % 4 == 0 else 500.0 + i for i in range(len(changed))],
+            "status": "assigned",
+            "reason": None,
+            "author": "auto:area",
+            "timestamp": STAMP,
+        }
+    )
+    return frame.astype(MEASUREMENT_CHANGE_COLUMNS)
+
+
 _CASES = {
     "phenotype": (_phenotype_changes, {}),
     "genotype": (_genotype_changes, {}),
+    "measurement": (_measurement_changes, {}),
     "flag": (_flag_changes, {}),
     "flag-replace": (
         _flag_changes,
@@ -371,6 +396,21 @@ def test_apply_sharded_writes_what_the_single_file_merge_writes(
         _check_same_as_single_file(single, sharded, case)
 
 
+def test_apply_sharded_records_extra_keys_and_marks_checkpoints_saved(
+    single: Path, sharded: Path
+) -> None:
+    changes = _flag_changes(single)
+    checkpoint = {"run": "r-0123456789abcdef", "partitions": [0], "npartitions": 1}
+    batch_id, _n = _apply(pipeline.read_store(sharded), changes, "flag", extra={"checkpoint": checkpoint})
+    records = list(changelog.iter_records(sharded / "store.json"))
+    assert records[-2]["batch_id"] == batch_id
+    assert records[-2]["checkpoint"] == checkpoint
+    assert (records[-1]["batch_id"], records[-1]["kind"]) == (batch_id, changelog.SAVED)
+    # Nothing changed: nothing recorded (the caller records an empty checkpoint).
+    assert _apply(pipeline.read_store(sharded), changes, "flag", extra={"checkpoint": checkpoint}) == (None, 0)
+    assert len(list(changelog.iter_records(sharded / "store.json"))) == len(records)
+
+
 def test_apply_sharded_flag_batch_has_one_timestamp_and_keeps_identical_flags(
     single: Path, sharded: Path
 ) -> None:
@@ -406,10 +446,9 @@ def test_apply_sharded_rewrites_only_touched_shards_and_the_index(sharded: Path)
     before = _files(sharded)
     assert _apply(store, changes, "phenotype")[1] == 1
     after = _files(sharded)
-    assert sorted(k for k in after if after[k] != before.get(k)) == [
-        f"experiments/{experiments[2]}.json",
-        "store.json",
-    ]
+    # store.json is written too (its last_updated may well be the same second)
+    changed = sorted(k for k in after if after[k] != before.get(k) and k != "store.json")
+    assert changed == [f"experiments/{experiments[2]}.json"]
 
 
 @pytest.fixture
