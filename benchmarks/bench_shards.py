@@ -195,13 +195,16 @@ def _merge_function() -> tuple[str, Callable[..., Any]]:
     import pipeline.merge
     import pipeline.shards
 
-    if "apply_sharded" in inspect.getsource(pipeline.merge.merge_into_store):
+    if "apply_sharded" in inspect.getsource(pipeline.merge):
         return "merge_into_store -> apply_sharded", pipeline.merge.merge_into_store
 
     def merge_batch(store: Any, changes: Any, inputs: dict[str, Any] | None = None) -> SimpleNamespace:
         kind = pipeline.merge.kind_of(changes)
         status = changes["status"]
-        writes = changes.loc[status == "raised"] if kind == "flag" else changes.loc[status.isin(pipeline.merge._WRITE)]
+        writes = changes.loc[
+            status == "raised" if kind == "flag" else status == "assigned" if kind == "measurement"
+            else status.isin(["assigned", "backfilled"])
+        ]
         with store.locked():
             batch_id, n = pipeline.shards.apply_sharded(store, kind, writes, inputs=inputs)
         return SimpleNamespace(batch_id=batch_id, n_written=n if kind == "flag" else len(writes))
