@@ -18,6 +18,15 @@ and written:
   finishes a journaled batch (roll forward) or, without a journal, deletes
   stray ``.new`` files (roll back), before anything else, so a store always
   opens to the old or the new state of a whole batch.
+- A batch merge (:func:`apply_sharded`, which :func:`pipeline.merge_into_store`
+  uses for sharded stores) never loads the shards in this process: one task
+  per touched shard (on the workers of the active ``distributed`` client, else
+  here one after the other) loads the shard from disk, applies its slice of
+  the change set with the functions of :mod:`pipeline.merge`, checks it and
+  stages ``<shard>.<token>.new``; this process logs the batch, renames the
+  staged files to ``<shard>.new`` and commits them with the same journal.
+- :meth:`ShardedStore.video_ids` lists the videos shard by shard, on the
+  workers when a client is active, without keeping the shards.
 """
 
 from __future__ import annotations
