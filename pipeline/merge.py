@@ -33,7 +33,9 @@ import pandas as pd
 
 from pipeline import changelog, ids
 from pipeline._atomic import LOCK_TIMEOUT
-from pipeline.errors import MergeConflictError
+from pipeline._jsonschema import json_path
+from pipeline._tables import TIMESTAMP_PATTERN
+from pipeline.errors import MergeConflictError, StoreFormatError
 from pipeline.schema import (
     FLAG_CHANGE_COLUMNS,
     GENOTYPE_CHANGE_COLUMNS,
@@ -43,7 +45,7 @@ from pipeline.schema import (
     STRING,
     empty_frame,
 )
-from pipeline.store import Store, now
+from pipeline.store import Store, _format_problems, now
 
 __all__ = ["MergeReport", "merge_into_store", "merge_many", "undo", "kind_of", "run_key_of"]
 
@@ -409,7 +411,12 @@ def _write_batch(
                     # it so a re-run does not compute them again.
                     _record_empty(store, kind, writes, inputs, extra)
                 return None, 0
-            if kind != "flag":
+            if kind == "phenotype":
+                # Only phenotype entries and death_frame changed: check those
+                # (the written entries and the DEAD invariants of the touched
+                # embryos) instead of rebuilding the touched embryos' tables.
+                _check_phenotype_batch(store, writes, _touched_embryos(log))
+            elif kind != "flag":
                 # Flag entries were checked one by one as they were built
                 # (vocabulary, severity, author, confidence): re-checking every
                 # touched embryo would cost a table rebuild for nothing.
@@ -891,16 +898,64 @@ def _commit(
 
 def _touched_embryos(log: list[list[Any]]) -> set[str]:
     """Embryos whose JSON a batch changed: only those need re-checking."""
+    # Logged snips exist in the store, whose snip ids are checked to be
+    # "{embryo_id}_{s|t|}NNNN": the embryo id is everything before the last "_".
     touched = set()
     for target, entity, *_ in log:
         if target == "snip":
-            touched.add(ids.parse_snip_id(entity).embryo_id)
+            touched.add(entity.rpartition("_")[0])
         elif target == "embryo":
             touched.add(entity)
         elif entity.startswith(("snip:", "embryo:")):
             level, name = entity.split(":", 1)
-            touched.add(ids.parse_snip_id(name).embryo_id if level == "snip" else name)
+            touched.add(name.rpartition("_")[0] if level == "snip" else name)
     return touched
+
+
+def _check_phenotype_batch(store: Store, writes: pd.DataFrame, embryo_ids: set[str]) -> None:
+    """Check what a phenotype batch changed: its entries and the DEAD rules of its embryos.
+
+    Raises
+    ------
+    StoreFormatError
+        Listing every problem with its JSON path; the caller restores the
+        document and writes nothing.
+    """
+    problems: list[tuple[str, str]] = []
+    permitted = set(store.vocabulary["phenotypes"])
+
+    def where(i: int, key: str) -> str:
+        return json_path("embryos", writes["embryo_id"].iat[i], "snips", writes["snip_id"].iat[i], "phenotype", key)
+
+    values = writes["new_value"]
+    for i in np.flatnonzero(~values.isin(permitted).to_numpy(dtype=bool, na_value=False)):
+        problems.append((where(i, "value"), f"unknown phenotype {values.iat[i]!r}; permitted: {', '.join(sorted(permitted))}"))
+    blank = writes["author"].fillna("").str.strip().str.len().to_numpy() == 0
+    for i in np.flatnonzero(blank):
+        problems.append((where(i, "author"), "author must be a non-empty name"))
+    stamps = writes["timestamp"].astype(STRING)
+    bad_stamp = ~stamps.str.match(TIMESTAMP_PATTERN).to_numpy(dtype=bool, na_value=False)
+    for i in np.flatnonzero(bad_stamp):
+        problems.append((where(i, "timestamp"), f"timestamp {stamps.iat[i]!r} is not ISO 8601 with a UTC offset"))
+    conf = writes["confidence"].to_numpy(dtype=np.float64)
+    for i in np.flatnonzero((conf < 0) | (conf > 1)):
+        problems.append((where(i, "confidence"), f"confidence must be within [0, 1], found {conf[i]}"))
+    embryos = store.embryos
+    for eid in sorted(embryo_ids):
+        embryo = embryos[eid]
+        death = embryo["death_frame"]
+        if death is None:
+            continue
+        for sid, snip in embryo["snips"].items():
+            value = snip["phenotype"]["value"]
+            if value != "DEAD" and _frame_of(sid, snip) > death:
+                problems.append((
+                    json_path("embryos", eid, "snips", sid, "phenotype", "value"),
+                    f"{value!r} after death at frame {death}: DEAD is permanent and must fill forward",
+                ))
+    if problems:
+        where_ = str(store.path) if store.path else "store"
+        raise StoreFormatError(_format_problems(problems, where_), problems=problems, path=where_)
 
 
 def _apply_phenotypes(store: Store, writes: pd.DataFrame, log: list[list[Any]], undo_ops: list[Callable[[], None]], force: bool) -> None:

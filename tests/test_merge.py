@@ -14,6 +14,7 @@ import sys
 import time
 
 import dask
+import numpy as np
 import orjson
 import pandas as pd
 import pytest
@@ -21,7 +22,12 @@ import pytest
 import pipeline
 from pipeline import changelog
 from pipeline._atomic import backup_dir
-from pipeline.errors import MergeConflictError, PipelineError, StoreLockedError
+from pipeline.errors import (
+    MergeConflictError,
+    PipelineError,
+    StoreFormatError,
+    StoreLockedError,
+)
 from pipeline.testing import assert_store_equal, make_assignments, make_store
 
 AUTHOR = "tester"
@@ -140,16 +146,60 @@ def test_failure_while_applying_restores_the_document_and_writes_nothing(
         store, make_assignments(store, n_rows=40, seed=2)
     ).compute()
 
-    def boom(self, embryo_ids):
+    def boom(*args):
         msg = "check failed (injected)"
         raise RuntimeError(msg)
 
-    monkeypatch.setattr(pipeline.Store, "check_embryos", boom)
+    # The post-write check of a phenotype batch, the last step before the log.
+    monkeypatch.setattr(pipeline.merge, "_check_phenotype_batch", boom)
     with pytest.raises(RuntimeError, match="injected"):
         pipeline.merge_into_store(store, changes)
     assert store_path.read_bytes() == before
     assert_store_equal(store, doc_before, ignore_last_updated=False)
     assert list(changelog.iter_records(store_path)) == []
+
+
+def test_a_written_entry_that_breaks_the_contract_is_refused_and_nothing_is_written(store_path):
+    # A change set edited by hand after it was computed: an unknown value, a
+    # blank author and a confidence above 1 are caught after applying, with
+    # the JSON path of each, and the document and file are left as they were.
+    before = store_path.read_bytes()
+    store = pipeline.read_store(store_path)
+    doc_before = copy.deepcopy(store.doc)
+    changes = phenotype_changes(store, make_assignments(store, n_rows=40, seed=2)).compute()
+    written = changes.index[changes["status"] == "assigned"][:3]
+    changes.loc[written[0], "new_value"] = "NOT_A_PHENOTYPE"
+    changes.loc[written[1], "author"] = " "
+    changes.loc[written[2], "confidence"] = 1.5
+    with pytest.raises(StoreFormatError) as err:
+        pipeline.merge_into_store(store, changes)
+    paths = [p for p, _ in err.value.problems]
+    assert any(p.endswith(".phenotype.value") for p in paths)
+    assert any(p.endswith(".phenotype.author") for p in paths)
+    assert any(p.endswith(".phenotype.confidence") for p in paths)
+    assert "NOT_A_PHENOTYPE" in str(err.value)
+    assert store_path.read_bytes() == before
+    assert_store_equal(store, doc_before, ignore_last_updated=False)
+    assert list(changelog.iter_records(store_path)) == []
+
+
+def test_a_forced_write_that_breaks_dead_permanence_is_refused(store_path):
+    store = pipeline.read_store(store_path)
+    table = store.snip_table()
+    after_death = table.loc[table["frame"] > table["death_frame"].fillna(10**9)]
+    later = after_death.index[0]
+    dead, frame = after_death["embryo_id"].iat[0], int(after_death["frame"].iat[0])
+    before = store_path.read_bytes()
+    changes = pd.DataFrame(
+        {
+            "snip_id": [later], "embryo_id": [dead], "frame": [frame], "row": [0], "old_value": ["DEAD"],
+            "new_value": ["NONE"], "status": ["assigned"], "reason": [None], "author": ["someone"],
+            "timestamp": [pipeline.store.now()], "confidence": [np.nan], "notes": [None],
+        }
+    ).astype(pipeline.schema.PHENOTYPE_CHANGE_COLUMNS)
+    with pytest.raises(StoreFormatError, match="DEAD is permanent"):
+        pipeline.merge_into_store(store, changes)
+    assert store_path.read_bytes() == before
 
 
 def test_change_set_naming_an_unknown_snip_is_a_conflict_and_writes_nothing(store_path):
