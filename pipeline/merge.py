@@ -987,17 +987,23 @@ def _apply_phenotypes(store: Store, writes: pd.DataFrame, log: list[list[Any]], 
     notes = writes["notes"].to_numpy(dtype=object)
     has_conf = ~np.isnan(confs)
     has_notes = pd.notna(writes["notes"]).to_numpy()
-    # Writing JSON objects is a loop over changed snips: the store is a dict.
-    for i, snip in enumerate(snip_objs):
-        before = snip["phenotype"]
-        entry = {"value": values[i], "author": authors[i], "timestamp": stamps[i]}
-        if has_conf[i]:
-            entry["confidence"] = float(confs[i])
-        if has_notes[i]:
-            entry["notes"] = notes[i]
+    # Writing JSON objects is a loop over changed snips (the store is a dict),
+    # kept to comprehensions; one undo step restores them all.
+    entries = [{"value": v, "author": a, "timestamp": t} for v, a, t in zip(values, authors, stamps, strict=True)]
+    for i in np.flatnonzero(has_conf).tolist():
+        entries[i]["confidence"] = float(confs[i])
+    for i in np.flatnonzero(has_notes).tolist():
+        entries[i]["notes"] = notes[i]
+    befores = [snip["phenotype"] for snip in snip_objs]
+
+    def restore() -> None:
+        for snip, before in zip(snip_objs, befores, strict=True):
+            snip["phenotype"] = before
+
+    undo_ops.append(restore)
+    for snip, entry in zip(snip_objs, entries, strict=True):
         snip["phenotype"] = entry
-        log.append(["snip", sids[i], "phenotype", before, entry])
-        undo_ops.append(lambda snip=snip, before=before: snip.__setitem__("phenotype", before))
+    log.extend(["snip", sid, "phenotype", before, entry] for sid, before, entry in zip(sids, befores, entries, strict=True))
     # death_frame is a cache of the snips: recompute it for touched embryos.
     for eid in pd.unique(emb):
         embryo = embryos[eid]
