@@ -1059,7 +1059,7 @@ def _text(piece: str | np.ndarray | pa.Array) -> str | pa.Array:
         return piece
     if isinstance(piece, np.ndarray):
         piece = pa.array(piece)  # integers; arrow prints them as str() does
-    return piece.cast(pa.string())
+    return piece if piece.type == pa.string() else piece.cast(pa.string())
 
 
 def _details(*pieces: str | np.ndarray | pa.Array) -> pa.Array:
@@ -1128,6 +1128,7 @@ def _find_snip_ids(
     index: pd.Index,
     block_start: np.ndarray,
     block_len: np.ndarray,
+    block_of: np.ndarray,
     wanted_len: np.ndarray,
     wanted_tail: np.ndarray,
     wanted: pa.Array,
@@ -1135,54 +1136,63 @@ def _find_snip_ids(
     """Where each wanted snip id first occurs in its block of *index*.
 
     Wanted id i (*wanted*, with its fingerprint *wanted_len*, *wanted_tail*
-    from :func:`_fingerprint`) is looked for among ``index[block_start[i]:
-    block_start[i] + block_len[i]]`` only. The fingerprints are compared
-    first, over the arrow buffers without building a string: the byte length,
-    and (for ids of at least 8 bytes) the last 8 bytes read as one int64.
-    Only candidates that pass are compared as strings, so an exact comparison
-    decides every match.
+    from :func:`_fingerprint`) is looked for among the snips of block
+    ``b = block_of[i]`` only: ``index[block_start[b]:block_start[b] +
+    block_len[b]]``. The fingerprints of a block's snips are read once, from
+    the arrow buffers without building a string (the byte length, and the last
+    8 bytes as one int64), and compared with those of every id wanted in the
+    block. Only candidates that pass are compared as strings, so an exact
+    comparison decides every match.
 
     Returns
     -------
     numpy.ndarray of int64
         The ``index`` position of each wanted id's first match, -1 if none.
     """
-    result = np.full(block_start.size, -1, dtype=np.int64)
+    result = np.full(block_of.size, -1, dtype=np.int64)
+    # Fingerprints of every snip of the blocks, block after block.
     heads = np.cumsum(block_len) - block_len
-    # Candidate k of id i is index position block_start[i] + (k - heads[i]).
-    shift = np.repeat(block_start - heads, block_len)
-    candidates = np.arange(shift.size, dtype=np.int64) + shift
+    snips = np.arange(int(block_len.sum()), dtype=np.int64)
+    snips += np.repeat(block_start - heads, block_len)
     if _is_arrow_text(index):
-        strings, at = _arrow_strings(index), candidates
+        strings, at = _arrow_strings(index), snips
     else:
-        strings, at = _arrow_strings(index, candidates), None
+        strings, at = _arrow_strings(index, snips), None
     offsets, data = _string_buffers(strings)
     if at is None:
         ends, lengths = offsets[1:], np.diff(offsets)
     else:
         ends = offsets[at + 1]
         lengths = ends - offsets[at]
-    ok = lengths == np.repeat(wanted_len, block_len)
+    tails = None
     if data.size >= _TAIL:
-        tails = np.ndarray(
+        window = np.ndarray(
             (data.size - _TAIL + 1,), dtype="<i8", buffer=data, strides=(1,)
         )
-        tail = tails[np.clip(ends - _TAIL, 0, data.size - _TAIL)]
-        same = tail == np.repeat(wanted_tail, block_len)
+        tails = window[np.maximum(ends - _TAIL, 0)]
+    # Pairs (wanted id, snip of its block): compare the fingerprints.
+    counts = block_len[block_of]
+    firsts = np.cumsum(counts) - counts
+    link = np.arange(int(counts.sum()), dtype=np.int64)
+    link += np.repeat(heads[block_of] - firsts, counts)
+    ok = lengths[link] == np.repeat(wanted_len, counts)
+    if tails is not None:
+        same = tails[link] == np.repeat(wanted_tail, counts)
         short = wanted_len < _TAIL
-        ok &= same | np.repeat(short, block_len) if short.any() else same
+        ok &= same | np.repeat(short, counts) if short.any() else same
     maybe = np.flatnonzero(ok)
     if maybe.size == 0:
         return result
-    owner = np.searchsorted(heads, maybe, side="right") - 1
-    mine = pa.array(candidates[maybe] if at is None else at[maybe])
+    owner = np.searchsorted(firsts, maybe, side="right") - 1
+    found = snips[link[maybe]]
+    mine = pa.array(link[maybe] if at is None else found)
     exact = pc.equal(strings.take(mine), wanted.take(pa.array(owner)))
     hits = np.flatnonzero(pc.fill_null(exact, False).to_numpy(zero_copy_only=False))
     # Hits ascend, so the first hit of each id is its first match.
-    owner, hits = owner[hits], maybe[hits]
+    owner, found = owner[hits], found[hits]
     earliest = np.ones(hits.size, dtype=bool)
     earliest[1:] = owner[1:] != owner[:-1]
-    result[owner[earliest]] = candidates[hits[earliest]]
+    result[owner[earliest]] = found[earliest]
     return result
 
 
@@ -1354,10 +1364,14 @@ def expand_ranges(
     # The embryo of each row, in one hash pass over block ids then row ids:
     # codes follow first appearance, so block ids are unique iff theirs are
     # 0..n_blocks-1, and a row's code is its block (>= n_blocks: not here).
+    # (Encoding a chunked array shares one dictionary between the chunks and
+    # saves copying the ids into one array.)
     block_ids = _arrow_strings(part["embryo_id"], starts)
-    both = pa.concat_arrays([block_ids, _arrow_strings(rows["embryo_id"])])
-    codes = pc.dictionary_encode(both, null_encoding="encode").indices
-    codes = codes.to_numpy(zero_copy_only=False).astype(np.int64)
+    both = pa.chunked_array([block_ids, _arrow_strings(rows["embryo_id"])])
+    encoded = pc.dictionary_encode(both, null_encoding="encode").chunks
+    codes = np.concatenate(
+        [chunk.indices.to_numpy(zero_copy_only=False) for chunk in encoded]
+    ).astype(np.int64)
     misplaced = codes[:n_blocks] != np.arange(n_blocks)
     if misplaced.any():
         dup = block_ids[int(np.argmax(misplaced))]
@@ -1517,16 +1531,25 @@ def expand_ranges(
     # whole partition), by fingerprint over the arrow buffers, then exactly.
     sel = np.flatnonzero(kind == _K_SNIP)
     if sel.size:
-        snip_specs = np.unique(spec_code[item_entry[sel]])
-        snip_text = np.empty(records.shape[1], dtype=object)
-        _, snip_records = _ranges(record_first[snip_specs], n_parts[snip_specs])
-        snip_text[snip_records] = list(
-            itertools.chain.from_iterable(specs[c]._snips for c in snip_specs.tolist())
+        wanted = np.array(
+            [
+                specs[c]._snips[k]
+                for c, k in zip(
+                    spec_code[item_entry[sel]].tolist(),
+                    item_number[sel].tolist(),
+                    strict=True,
+                )
+            ],
+            dtype=object,
         )
-        wanted = snip_text[item_rec[sel]]
+        # The ids wanted in one entry share its block: items of an entry are
+        # consecutive, so the blocks are the entries' runs in sel.
+        new_entry = np.ones(sel.size, dtype=bool)
+        new_entry[1:] = item_entry[sel[1:]] != item_entry[sel[:-1]]
+        heads = sel[new_entry]
         where = _find_snip_ids(
-            part.index, start0[sel], n[sel], fields[6][sel], fields[7][sel],
-            pa.array(wanted, type=pa.large_string()),
+            part.index, start0[heads], n[heads], np.cumsum(new_entry) - 1,
+            fields[6][sel], fields[7][sel], pa.array(wanted, type=pa.large_string()),
         )  # fmt: skip
         found = where >= 0
         first[sel[found]] = where[found] - start0[sel[found]]
