@@ -391,6 +391,21 @@ def _write_batch(
             note = "the store was changed by another writer: re-read, and the batch applied on top"
             if note not in notes:
                 notes.append(note)
+        # Imported here, not at the top: shards uses this module's helpers.
+        from pipeline import shards
+
+        if isinstance(store, shards.ShardedStore):
+            # Shard by shard, in tasks (on the workers when a client is
+            # active): this process never holds the touched shards.
+            extra = _record_extra(kind, writes, checkpoint)
+            batch_id, n_entries = shards.apply_sharded(
+                store, kind, writes, replace=replace, force=force, inputs=inputs, extra=extra
+            )
+            if batch_id is None:
+                if checkpoint is not None and store.path is not None:
+                    _record_empty(store, kind, writes, inputs, extra)
+                return None, 0
+            return batch_id, n_entries if kind == "flag" else len(writes)
         log: list[list[Any]] = []
         undo_ops: list[Callable[[], None]] = []
         try:
