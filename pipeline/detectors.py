@@ -699,13 +699,6 @@ class MissingGenotype(BaseDetector):
         )
 
 
-def _known_videos(store: Store) -> tuple[str, ...]:
-    """Videos a store lists: its video flags' keys and its embryos' videos."""
-    videos = set(store.doc.get("flags", {}).get("video", {}))
-    videos.update(e["source"]["video_id"] for e in store.embryos.values())
-    return tuple(sorted(videos))
-
-
 @dataclass(frozen=True)
 class NoEmbryo(BaseDetector):
     """Videos with no usable embryo: no snips at all, or all snips flagged.
@@ -754,7 +747,7 @@ class NoEmbryo(BaseDetector):
         return (
             self
             if self.video_ids
-            else dataclasses.replace(self, video_ids=_known_videos(store))
+            else dataclasses.replace(self, video_ids=store.video_ids())
         )
 
     def partial(self, part: pd.DataFrame) -> pd.DataFrame:
