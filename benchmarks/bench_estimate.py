@@ -163,6 +163,54 @@ class Runner:
         return statistics.median(self.calibrations) / result["calibration"]
 
 
+def measure_sharded(sizes: list[int], repeat: int) -> dict[tuple[int, str], list[dict]]:
+    """The stage runs on the same stores converted to the sharded layout."""
+    from pipeline.shards import shard_store
+
+    py = sys.executable
+    runner = Runner()
+    runs: dict[tuple[int, str], list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_estimate_sharded_") as tmp:
+        tmp = Path(tmp)
+        out = tmp / "stages.json"
+        for _ in range(repeat):
+            for n in sizes:
+                path, rows = ensure_store(n, (ROWS_PER_SNIP, 4 * ROWS_PER_SNIP))
+                base = DATA / f"sharded_{n}"
+                if not base.exists():
+                    shard_store(path, base)
+                for op in ("export", "assign", "detect"):
+                    scratch = tmp / "scratch"
+                    shutil.rmtree(scratch, ignore_errors=True)
+                    shutil.copytree(base, scratch / "store")
+                    res = runner.measure("sharded", [py, __file__, "--child", op, str(scratch / "store"),
+                                                     str(rows[ROWS_PER_SNIP]), str(out), str(scratch)])
+                    if res["returncode"] != 0:
+                        msg = f"the sharded {op} stage run failed (exit {res['returncode']}); rerun it alone to see why"
+                        raise SystemExit(msg)
+                    res["child"] = json.loads(out.read_text())
+                    out.unlink()
+                    runs.setdefault((n, op), []).append(res)
+                    print(f"  sharded stages {op:6s} n={n:>7,}: "
+                          + ", ".join(f"{k} {v['seconds']:.2f} s / {v['peak'] / MiB:.0f} MiB" for k, v in res["child"]["stages"].items()),
+                          flush=True)
+                    # The same end to end (a check, not fitted).
+                    for mode, extra in (("default", []), ("workers-2", ["--workers", "2"])):
+                        shutil.rmtree(scratch, ignore_errors=True)
+                        shutil.copytree(base, scratch / "store")
+                        argv = {"assign": ["assign", str(scratch / "store"), str(rows[ROWS_PER_SNIP]), "--author", "bench"],
+                                "detect": ["detect", str(scratch / "store")],
+                                "export": ["export", str(scratch / "store"), str(scratch / "export")]}[op]
+                        cli = runner.measure("cli", [py, "-m", "pipeline", *argv, "--quiet", "--dashboard-address", "none", *extra])
+                        if cli["returncode"] not in (0, 1):
+                            msg = f"embryo-pipeline {op} ({mode}) on the sharded store failed (exit {cli['returncode']})"
+                            raise SystemExit(msg)
+                        runs.setdefault((n, op, mode), []).append(cli)
+                        print(f"  sharded cli {op:6s} {mode:9s} n={n:>7,}: {cli['wall']:.2f} s, {cli['peak'] / MiB:.0f} MiB, "
+                              f"load {cli['load']:.1f}", flush=True)
+    return runs
+
+
 def line(points: list[tuple[float, float]]) -> tuple[float, float]:
     """Least-squares fixed + slope through (n, value) points (two: exact)."""
     xs = [p[0] for p in points]
@@ -188,6 +236,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs=2, default=[20_000, 200_000])
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--refit", action="store_true", help="fit and print again from the last run's measurements")
+    parser.add_argument("--only-sharded", action="store_true",
+                        help="measure only the sharded stage runs and add them to the last run's measurements")
     parser.add_argument("--best", action="store_true", help="fit the best (not the median) time of the repeats")
     parser.add_argument("--normalise", action="store_true",
                         help="scale each time by (median calibration / the calibration taken just before it)")
@@ -202,6 +252,14 @@ def main() -> None:
             fit(**pickle.load(fh), normalise=args.normalise, best=args.best)
         return
     sizes, repeat = args.sizes, args.repeat
+    if args.only_sharded:
+        with open(DATA / "last_run.pkl", "rb") as fh:
+            saved = pickle.load(fh)
+        saved["sharded_runs"] = measure_sharded(saved["sizes"], repeat)
+        with open(DATA / "last_run.pkl", "wb") as fh:
+            pickle.dump(saved, fh)
+        fit(**saved, normalise=args.normalise, best=args.best)
+        return
     py = sys.executable
     started = time.time()
     print(f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, load {os.getloadavg()}", flush=True)
@@ -255,13 +313,15 @@ def main() -> None:
                         print(f"  cli {op:6s} {mode:9s} n={n:>7,}: {res['wall']:.2f} s, {res['peak'] / MiB:.0f} MiB, "
                               f"rc {res['returncode']}, calibration {res['calibration'] * 1e3:.0f} ms, load {res['load']:.1f}", flush=True)
     saved = {"sizes": sizes, "repeat": repeat, "started": started, "calibrations": runner.calibrations,
-             "stage_runs": stage_runs, "e2e": e2e, "startup": startup, "meta": meta, "stores": stores}
+             "stage_runs": stage_runs, "e2e": e2e, "startup": startup, "meta": meta, "stores": stores,
+             "sharded_runs": measure_sharded(sizes, repeat)}
     with open(DATA / "last_run.pkl", "wb") as fh:
         pickle.dump(saved, fh)
     fit(**saved, normalise=args.normalise, best=args.best)
 
 
-def fit(sizes, repeat, started, calibrations, stage_runs, e2e, startup, meta, stores, normalise=False, best=False) -> None:
+def fit(sizes, repeat, started, calibrations, stage_runs, e2e, startup, meta, stores, sharded_runs=None,
+        normalise=False, best=False) -> None:
     """Fit the table from the measurements and print it with the check."""
     from pipeline.estimate import STAGES, estimate_resources
 
@@ -338,6 +398,23 @@ def fit(sizes, repeat, started, calibrations, stage_runs, e2e, startup, meta, st
         tf, tp = line(t_pts)
         mf, mp = line(m_pts)
         costs[name] = entry(tf, tp, mf, mp)
+    # Sharded stores: the work stage (the shards parsed, flattened and
+    # computed, one task per shard) and the merge (shard by shard), in one
+    # process with the sync scheduler.
+    for op in ("export", "assign", "detect") if sharded_runs else ():
+        t_w, m_w, t_m, m_m = [], [], [], []
+        for n in sizes:
+            runs = sharded_runs[(n, op)]
+            stages = [r["child"]["stages"] for r in runs]
+            work = [k for k in stages[0] if not k.startswith("merge")]
+            t_w.append((ns[n], pick(sum(st[k]["seconds"] for k in work) for st in stages)))
+            m_w.append((ns[n], statistics.median(max(st[k]["peak"] for k in work) for st in stages)))
+            if op != "export":
+                t_m.append((ns[n], pick(st[f"merge_{op}"]["seconds"] for st in stages)))
+                m_m.append((ns[n], statistics.median(st[f"merge_{op}"]["peak"] for st in stages)))
+        costs[f"sharded_{op}"] = entry(*line(t_w), *line(m_w))
+        if op != "export":
+            costs[f"sharded_merge_{op}"] = entry(*line(t_m), *line(m_m))
     costs["file_bytes_per_snip"] = round(statistics.fmean(meta[n]["file_bytes"] / ns[n] for n in sizes), 1)
     costs["table_bytes_per_snip"] = round(statistics.fmean(meta[n]["table_bytes"] / ns[n] for n in sizes), 1)
     costs["measured"] = (f"benchmarks/bench_estimate.py --sizes {' '.join(map(str, sizes))} --repeat {repeat}, "
@@ -354,6 +431,18 @@ def fit(sizes, repeat, started, calibrations, stage_runs, e2e, startup, meta, st
         est = estimate_resources(stores[n][0], op, workers=workers_of[mode], n_snips=ns[n],
                                  n_rows=round(ns[n] * ROWS_PER_SNIP), costs=costs,
                                  scheduler="sync" if mode == "sync" else None)
+        print(f"| {op} | {mode} | {ns[n]:,} | {t:.2f} | {est.seconds:.2f} | {t / est.seconds:.2f} "
+              f"| {m / MiB:.0f} | {est.peak_bytes / MiB:.0f} | {m / est.peak_bytes:.2f} |")
+    sharded_e2e = sorted(k for k in (sharded_runs or {}) if len(k) == 3)
+    if sharded_e2e:
+        print("\ncheck: the same stores sharded (one shard per experiment), end to end")
+        print("| op | mode | snips | measured s | predicted s | ratio | measured MiB | predicted MiB (largest process) | ratio |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for n, op, mode in sharded_e2e:
+        runs = sharded_runs[(n, op, mode)]
+        t, m = pick(r["wall"] for r in runs), statistics.median(r["peak"] for r in runs)
+        est = estimate_resources(DATA / f"sharded_{n}", op, workers=workers_of[mode], n_snips=ns[n],
+                                 n_rows=round(ns[n] * ROWS_PER_SNIP), costs=costs)
         print(f"| {op} | {mode} | {ns[n]:,} | {t:.2f} | {est.seconds:.2f} | {t / est.seconds:.2f} "
               f"| {m / MiB:.0f} | {est.peak_bytes / MiB:.0f} | {m / est.peak_bytes:.2f} |")
     print(f"\ncalibrations: min {min(runner.calibrations) * 1e3:.0f} ms, median {statistics.median(runner.calibrations) * 1e3:.0f} ms, "

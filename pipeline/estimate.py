@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 import re
 import statistics
@@ -317,6 +318,9 @@ STAGES: dict[str, tuple[str, ...]] = {
 #: runs on the workers (issue 9 measured 1.4-1.8x on 2 workers).
 PARALLEL_EFFICIENCY = 0.75
 
+# Assignment rows per snip in the benchmark's batches (20,000 per million).
+_ROWS_PER_SNIP = 0.02
+
 #: Per-process memory budget cap: the 6 GiB per process that issue 9 held the
 #: sharded runs to.
 PROCESS_BUDGET = 6 * GiB
@@ -517,24 +521,30 @@ def _predict(
             # working copies of one partition's computation.
             worker_peak = base + 2 * table * n / workers
     else:
+        # Every step is one task per shard: it parses and checks its shard,
+        # then flattens and computes; the merge loads each touched shard again
+        # in a task, applies its slice, checks and stages it
+        # (pipeline.shards.apply_sharded). Measured in one process (sync
+        # scheduler) as "sharded_<op>" and "sharded_merge_<op>"; worker
+        # processes share the time. The rows term comes from the single-file
+        # fit (the sharded runs use one row per 50 snips).
         largest = float(size["largest_shard_snips"] or 0)
-        load_s, _ = _stage(costs, "load", n, 0)
-        _, shard_peak = _stage(costs, "load", largest, 0)
-        names = STAGES[operation][1:]
-        op_names = [s for s in names if not s.startswith("merge")]
-        work_s = load_s + sum(_stage(costs, s, n, rows)[0] for s in op_names)
-        held = base + 2 * table * n / max(workers, 1)
+        shards = max(1, int(size["n_shards"] or 1))
+        extra_rows = rows - n * _ROWS_PER_SNIP if operation == "assign" else 0.0
+        where = " (workers)" if workers else ""
+        work_s, work_peak = _stage(costs, f"sharded_{operation}", n, 0)
+        work_s = max(0.0, work_s + costs["assign"].get("s_per_row", 0.0) * extra_rows)
+        stages.append((f"parse shards + {operation}{where}", work_s / parallel, work_peak))
+        if operation != "export":
+            m_s, m_peak = _stage(costs, f"sharded_merge_{operation}", n, 0)
+            m_s = max(0.0, m_s + costs["merge_assign"].get("s_per_row", 0.0) * extra_rows)
+            stages.append((f"merge_{operation}, shard by shard{where}", m_s / parallel, m_peak))
         if workers:
-            worker_peak = max(shard_peak, held)
-            stages.append(("parse shards + " + " + ".join(op_names) + " (workers)", work_s / parallel, base + table * n / 20))
-        else:
-            stages.append(("parse shards + " + " + ".join(op_names), work_s, max(shard_peak, held)))
-        for name in names:
-            if name.startswith("merge"):
-                # The merge loads every shard the batch touches (all of them
-                # for a cohort-wide batch) in the client, then applies it.
-                m_s, m_peak = _stage(costs, name, n, rows)
-                stages.append((name + " (loads touched shards)", m_s + load_s, m_peak))
+            # A worker holds the shards it is parsing (one per thread) and
+            # their results; the client's peak is taken as measured in one
+            # process, an upper bound (the workers hold the shards instead).
+            at_once = math.ceil(cpus / workers)
+            worker_peak = base + min(at_once, shards) * costs["load"]["bytes_per_snip"] * largest
     stages.append(("overhead", *_stage(costs, "overhead", n, 0)))
     cluster_bytes = _stage(costs, "cluster", n, 0)[1] - costs["cluster"]["fixed_bytes"] if scheduler == "local" else 0.0
     fixed_cluster = costs["cluster"]["fixed_bytes"] if scheduler == "local" else 0.0
@@ -680,10 +690,6 @@ def estimate_resources(
             f"over the {_gib(budget)} budget; a sharded store is parsed one experiment at a time on the workers"
         )
         command = f"embryo-pipeline shard {path} {path}.sharded   (once, on a machine with {_gib(in_proc[1])} free)"
-        if operation != "export":
-            warnings.append(
-                "the merge still loads every shard the batch touches in the client: split cohort-wide batches by experiment"
-            )
     elif size["layout"] == "single":
         choice = "in-process"
         reason = ("a single-file store is read and merged in the client whatever the scheduler; "
@@ -718,17 +724,19 @@ def estimate_resources(
             reason = ("predicted under a minute, so starting worker processes would not pay off"
                       if in_proc[0] < IN_PROCESS_SECONDS else "more worker processes would not be faster here")
             command = f"embryo-pipeline {cmd_args}"
-        if operation != "export" and in_proc[1] > budget:
-            warnings.append(
-                f"the merge loads every touched shard in the client: about {_gib(in_proc[1])}, over the {_gib(budget)} "
-                "budget; split the batch by experiment so each merge touches fewer shards"
-            )
     if workers is None:
         w_used = rec_workers if choice == "local-cluster" else 0
         sched_used = "local" if w_used else scheduler
     else:
         w_used, sched_used = workers, scheduler
     seconds, client, worker, stages = run(w_used, sched_used)
+    if choice != "shard-first" and client > budget:
+        text = f"the client process would peak at about {_gib(client)}, over the {_gib(budget)} budget"
+        if size["layout"] == "sharded" and operation != "export":
+            per_snip = costs[f"sharded_merge_{operation}"]["bytes_per_snip"]
+            text += (f" (the {operation} merge holds about {per_snip:.0f} bytes per snip of the cohort in the "
+                     "client): split the batch by experiment")
+        warnings.append(text)
     if client + w_used * (worker or 0) > total_mem:
         warnings.append(f"all processes together need about {_gib(client + w_used * (worker or 0))}, "
                         f"more than the machine's {_gib(total_mem)}")
@@ -745,7 +753,8 @@ def estimate_resources(
         + (f" ({size['store_bytes'] / max(size['n_snips'], 1):.0f} bytes per snip on disk)" if size["n_snips"] else ""),
         *( [f"{rows:,} assignment rows (default: one per 50 snips)" if n_rows is None else f"{rows:,} assignment rows"]
            if operation == "assign" else []),
-        *( ["a batch touches every experiment, so the merge loads and rewrites every shard",
+        *( [("one task per shard and step, each holding one parsed shard; a batch touches every experiment, "
+            "so the merge loads and rewrites every shard (one task each)"),
             f"worker processes turn into {PARALLEL_EFFICIENCY:.0%} of a core each beyond the first"]
            if size["layout"] == "sharded" else []),
         f"memory budget {_gib(budget)} per process, {cpus} cores, {_gib(total_mem)} memory",
@@ -783,6 +792,11 @@ COSTS: dict[str, Any] = {
     "overhead": {"fixed_s": -1.5301, "s_per_snip": 3.357e-05, "fixed_bytes": 0, "bytes_per_snip": 0.0},
     "cluster": {"fixed_s": 0.1974, "s_per_snip": 0.0, "fixed_bytes": 16659052, "bytes_per_snip": 130.8},
     "workers": {"fixed_s": 6.2843, "s_per_snip": 5.581e-05, "fixed_bytes": 0, "bytes_per_snip": 0.0},
+    "sharded_export": {"fixed_s": 0.3891, "s_per_snip": 4.233e-05, "fixed_bytes": 208166621, "bytes_per_snip": 27.2},
+    "sharded_assign": {"fixed_s": 0.0, "s_per_snip": 6.437e-05, "fixed_bytes": 195670736, "bytes_per_snip": 107.1},
+    "sharded_merge_assign": {"fixed_s": 0.0, "s_per_snip": 4.888e-05, "fixed_bytes": 196215767, "bytes_per_snip": 2139.2},
+    "sharded_detect": {"fixed_s": 0.8996, "s_per_snip": 6.281e-05, "fixed_bytes": 194329235, "bytes_per_snip": 1187.3},
+    "sharded_merge_detect": {"fixed_s": 0.009, "s_per_snip": 1.373e-05, "fixed_bytes": 193301066, "bytes_per_snip": 1689.8},
     "file_bytes_per_snip": 425.3,
     "table_bytes_per_snip": 321.7,
     "measured": "benchmarks/bench_estimate.py --sizes 20000 200000 --repeat 2, 2026-11-29 09:18 UTC, 2 CPUs",
