@@ -1053,6 +1053,20 @@ def _slice_indices(
     return start, count
 
 
+def _text_column(values: pa.Array) -> Any:
+    """An arrow ``string`` array as a pandas array of the default string type.
+
+    Wrapped without a copy or a check of every value when pandas keeps its
+    strings in arrow (pandas 3); converted otherwise.
+    """
+    if isinstance(_TEXT, pd.StringDtype) and _TEXT.storage == "pyarrow":
+        try:
+            return pd.arrays.ArrowStringArray(values, dtype=_TEXT)
+        except TypeError:  # pandas 2: no dtype argument
+            pass
+    return pd.array(values.to_pylist(), dtype=_TEXT)
+
+
 def _text(piece: str | np.ndarray | pa.Array) -> str | pa.Array:
     """A piece of an outcome message as a string or an arrow ``string`` array."""
     if isinstance(piece, str):
@@ -1640,8 +1654,8 @@ def expand_ranges(
     outcomes = pd.DataFrame(
         {
             _ROW: row_numbers[entry_all[sort.to_numpy()]],
-            "reason": pd.array(reasons, dtype=_TEXT),
-            "detail": pd.array(details, dtype=_TEXT),
+            "reason": _text_column(reasons),
+            "detail": _text_column(details),
         },
         copy=False,
     )
