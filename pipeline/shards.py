@@ -25,6 +25,11 @@ and written:
   the change set with the functions of :mod:`pipeline.merge`, checks it and
   stages ``<shard>.<token>.new``; this process logs the batch, renames the
   staged files to ``<shard>.new`` and commits them with the same journal.
+  :func:`merge_many_sharded` (several change sets as one batch, for
+  :func:`pipeline.merge.merge_many`) and :func:`undo_sharded` (for
+  :func:`pipeline.merge.undo`) are batches of the same machinery, and
+  :func:`holds_sharded` reads a checkpoint's values shard by shard the same
+  way (for resuming a checkpointed merge).
 - :meth:`ShardedStore.video_ids` lists the videos shard by shard, on the
   workers when a client is active, without keeping the shards.
 """
@@ -72,6 +77,9 @@ __all__ = [
     "is_sharded",
     "sharded_snips",
     "apply_sharded",
+    "merge_many_sharded",
+    "undo_sharded",
+    "holds_sharded",
     "JOURNAL",
 ]
 
@@ -747,6 +755,7 @@ def _shard_videos(path: str) -> list[str]:
 
 # ------------------------------------------------------- merging per shard
 _TOP_LEVELS = ("experiment", "video", "image")
+_KINDS = ("phenotype", "genotype", "measurement", "flag")
 
 
 def _staged(target: Path, token: str) -> Path:
@@ -765,20 +774,76 @@ def _restamp(log: list[list[Any]], stamp: str) -> None:
                 entry["timestamp"] = stamp
 
 
+def _apply_step(
+    one: Store,
+    kind: str,
+    part: pd.DataFrame | list[list[Any]],
+    replace: list[str],
+    force: bool,
+    log: list[list[Any]],
+    undo_ops: list[Any],
+) -> None:
+    """Apply one step of a batch to *one* with the functions of :mod:`pipeline.merge`.
+
+    Parameters
+    ----------
+    one : Store
+        A one-shard store (in a task) or the index's top-level parts (here).
+    kind : str
+        ``phenotype``, ``genotype``, ``measurement``, ``flag`` or ``undo``.
+    part : pandas.DataFrame or list
+        The step's rows that fall in *one*; for ``undo``, change-log entries
+        ``[target, entity, field, before, after]`` whose ``before`` values are
+        put back, in the order given.
+    replace : list of str
+        Flag steps: authors whose earlier flags are cleared.
+    force : bool
+        Skip the stale-value checks.
+    log, undo_ops : list
+        Receive the change-log entries and the steps that take them back.
+    """
+    from pipeline import merge
+
+    if kind == "phenotype":
+        merge._apply_phenotypes(one, part, log, undo_ops, force)
+    elif kind == "genotype":
+        merge._apply_genotypes(one, part, log, undo_ops, force)
+    elif kind == "measurement":
+        merge._apply_measurements(one, part, log, undo_ops, force)
+    elif kind == "flag":
+        merge._apply_flags(one, part, replace, log, undo_ops)
+    else:
+        for target, entity, fieldname, before, after in part:
+            merge._restore(one, target, entity, fieldname, before, after, log, undo_ops)
+
+
+def _shard_store(embryos: dict[str, Any], top: dict[str, Any]) -> Store:
+    """A one-shard store: the index's parts, no top-level flags (the client applies those)."""
+    doc = {k: v for k, v in top.items() if k != "flags"}
+    doc["flags"] = {level: {} for level in _TOP_LEVELS}
+    doc["embryos"] = embryos
+    return Store(doc, validate=False)
+
+
+def _index_store(store: ShardedStore) -> Store:
+    """The index's top-level parts as a store without embryos (edits reach ``store.index``)."""
+    doc = {k: v for k, v in store.index.items() if k != "shards"}
+    doc["embryos"] = {}
+    return Store(doc, validate=False)
+
+
 def _merge_shard(
     root: str,
     rel: str,
     experiment: str,
     top: dict[str, Any],
     vocab: dict[str, Any],
-    kind: str,
-    part: pd.DataFrame,
-    replace: list[str],
+    steps: list[tuple[str, Any, list[str]]],
     force: bool,
     stamp: str,
     token: str,
 ) -> dict[str, Any]:
-    """Apply one shard's slice of a batch and stage its new file (runs on a worker).
+    """Apply one shard's slices of a batch and stage its new file (runs on a worker).
 
     Parameters
     ----------
@@ -792,12 +857,11 @@ def _merge_shard(
         The index without ``shards`` (to check the shard as it is loaded).
     vocab : dict
         The vocabulary in force.
-    kind : str
-        ``phenotype``, ``genotype``, ``measurement`` or ``flag``.
-    part : pandas.DataFrame
-        The rows of the change set that fall in this shard, in batch order.
-    replace : list of str
-        Flag batches: authors whose earlier flags are cleared.
+    steps : list of (str, object, list of str)
+        The batch's steps in order: each its kind (``phenotype``,
+        ``genotype``, ``measurement``, ``flag`` or ``undo``), its rows that
+        fall in this shard (batch order; change-log entries for ``undo``) and
+        the authors a flag step replaces.
     force : bool
         Skip the stale-value checks.
     stamp : str
@@ -808,9 +872,9 @@ def _merge_shard(
     Returns
     -------
     dict
-        ``experiment``, ``log`` (the change-log entries, in the order
-        :mod:`pipeline.merge` makes them) and ``staged`` (the path written,
-        or None when the shard did not change).
+        ``experiment``, ``logs`` (per step, the change-log entries in the
+        order :mod:`pipeline.merge` makes them) and ``staged`` (the path
+        written, or None when the shard did not change).
 
     Raises
     ------
@@ -826,34 +890,30 @@ def _merge_shard(
     path = Path(root) / rel
     embryos = _load_shard(path, experiment, top, vocab)
     before = _digest(orjson.dumps({"embryos": embryos}, option=_DUMP))
-    # A one-shard store: the index's parts, no top-level flags (the client
-    # applies those), and this shard's embryos.
-    doc = {k: v for k, v in top.items() if k != "flags"}
-    doc["flags"] = {level: {} for level in _TOP_LEVELS}
-    doc["embryos"] = embryos
-    one = Store(doc, validate=False)
-    log: list[list[Any]] = []
+    one = _shard_store(embryos, top)
+    logs: list[list[list[Any]]] = []
     undo_ops: list[Any] = []
-    if kind == "phenotype":
-        merge._apply_phenotypes(one, part, log, undo_ops, force)
-    elif kind == "genotype":
-        merge._apply_genotypes(one, part, log, undo_ops, force)
-    elif kind == "measurement":
-        merge._apply_measurements(one, part, log, undo_ops, force)
-    else:
-        merge._apply_flags(one, part, replace, log, undo_ops)
-        _restamp(log, stamp)
-    staged = None
-    if log:
-        if kind != "flag":
+    touched: set[str] = set()
+    for kind, part, replace in steps:
+        log: list[list[Any]] = []
+        if len(part) or (kind == "flag" and replace):
+            _apply_step(one, kind, part, replace, force, log, undo_ops)
+        if kind == "flag":
             # Flag entries are checked as they are built (as merge does).
-            one.check_embryos(merge._touched_embryos(log))
+            _restamp(log, stamp)
+        else:
+            touched.update(merge._touched_embryos(log))
+        logs.append(log)
+    staged = None
+    if any(logs):
+        if touched:
+            one.check_embryos(touched)
         data = orjson.dumps({"embryos": embryos}, option=_DUMP)
         if _digest(data) != before:
             target = _staged(path, token)
             atomic_write_bytes(target, data, backups=0)
             staged = str(target)
-    return {"experiment": experiment, "log": log, "staged": staged}
+    return {"experiment": experiment, "logs": logs, "staged": staged}
 
 
 def _not_in_store(entity: str) -> MergeConflictError:
@@ -861,24 +921,38 @@ def _not_in_store(entity: str) -> MergeConflictError:
     return MergeConflictError(msg)
 
 
-def _route(store: ShardedStore, kind: str, writes: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: the rank of its shard in the index (-1: the index itself), and its entity key."""
+def _keys(kind: str, rows: pd.DataFrame | list[list[Any]]) -> np.ndarray:
+    """Per row, the entity it writes: level and entity joined by NUL (flags, undo), or the embryo id."""
+    if kind == "undo":
+        keys = []
+        for target, entity, *_ in rows:
+            if target == "flags":
+                level, _, name = entity.partition(":")
+                keys.append(f"{level}\x00{name}")
+            else:
+                keys.append(f"{target}\x00{entity}")
+        return np.array(keys, dtype=object)
     if kind == "flag":
-        keys = (writes["level"].astype(str) + "\x00" + writes["entity_id"].astype(str)).to_numpy(dtype=object)
-    elif kind == "measurement":
+        return (rows["level"].astype(str) + "\x00" + rows["entity_id"].astype(str)).to_numpy(dtype=object)
+    if kind == "measurement":
         # Measurement rows may leave embryo_id empty: it follows from the snip.
-        emb = writes["embryo_id"].astype(object).to_numpy(dtype=object)
-        sids = writes["snip_id"].astype(object).to_numpy(dtype=object)
-        keys = np.array(
+        emb = rows["embryo_id"].astype(object).to_numpy(dtype=object)
+        sids = rows["snip_id"].astype(object).to_numpy(dtype=object)
+        return np.array(
             [e if isinstance(e, str) else _embryo_of_snip(s) for e, s in zip(emb, sids, strict=True)], dtype=object
         )
-    else:
-        keys = writes["embryo_id"].astype(str).to_numpy(dtype=object)
+    return rows["embryo_id"].astype(str).to_numpy(dtype=object)
+
+
+def _route(store: ShardedStore, kind: str, rows: pd.DataFrame | list[list[Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the rank of its shard in the index (-1: the index itself), and its entity key."""
+    keys = _keys(kind, rows)
+    leveled = kind in ("flag", "undo")
     codes, uniques = pd.factorize(keys)
     rank = {e: i for i, e in enumerate(store.shards)}
     where = np.empty(len(uniques), dtype=np.int64)
     for i, key in enumerate(uniques):
-        level, _, entity = key.rpartition("\x00") if kind == "flag" else ("embryo", "", key)
+        level, _, entity = key.partition("\x00") if leveled else ("embryo", "", key)
         if level not in ("snip", "embryo"):
             where[i] = -1  # top-level flags (and unknown levels: merge reports those)
             continue
@@ -899,6 +973,71 @@ def _embryo_of_snip(snip_id: Any) -> str:
         return ids.parse_snip_id(snip_id).embryo_id
     except ValueError:
         raise _not_in_store(snip_id) from None
+
+
+class _Step:
+    """One step of a batch, routed: its rows per shard and those of the index."""
+
+    def __init__(
+        self,
+        store: ShardedStore,
+        kind: str,
+        rows: pd.DataFrame | list[list[Any]],
+        replace: Iterable[str] = (),
+    ) -> None:
+        self.kind, self.rows = kind, rows
+        self.replace = sorted(set(replace or ()))
+        shard_of, self.keys = _route(store, kind, rows)
+        order = list(store.shards)
+        by_rank = np.argsort(shard_of, kind="stable")
+        bounds = np.searchsorted(shard_of[by_rank], np.arange(-1, len(order) + 1))
+        self.positions: dict[str | None, np.ndarray] = {
+            exp: by_rank[bounds[i + 1] : bounds[i + 2]]
+            for i, exp in enumerate(order)
+            if bounds[i + 2] > bounds[i + 1]
+        }
+        self.positions[None] = by_rank[bounds[0] : bounds[1]]
+
+    @property
+    def everywhere(self) -> bool:
+        """Whether every shard must be visited (a flag step that replaces authors)."""
+        return self.kind == "flag" and bool(self.replace)
+
+    def part(self, exp: str | None) -> pd.DataFrame | list[list[Any]]:
+        """The rows that fall in *exp*'s shard (None: in the index), in batch order."""
+        pos = self.positions.get(exp)
+        if isinstance(self.rows, list):
+            return [] if pos is None else [self.rows[i] for i in pos]
+        return self.rows.iloc[:0] if pos is None else self.rows.iloc[pos]
+
+    def ordered(self, logs: list[tuple[str | None, list[list[Any]]]]) -> list[list[Any]]:
+        """The entries of the index and of every shard, in the order the in-client merge makes them."""
+        n = len(self.rows)
+        first_of: dict[str, int] = {}
+        if self.kind == "phenotype":
+            emb = self.rows["embryo_id"].to_numpy(dtype=object)
+            first = ~pd.Series(emb).duplicated().to_numpy()
+            first_of = dict(zip(emb[first], (np.flatnonzero(first) + n).tolist(), strict=True))
+        elif self.kind == "flag":
+            first = ~pd.Series(self.keys).duplicated().to_numpy()
+            first_of = dict(zip(self.keys[first], np.flatnonzero(first).tolist(), strict=True))
+        keyed: list[tuple[int, list[Any]]] = []
+        next_key = 2 * n
+        for exp, entries in logs:
+            pos = self.positions.get(exp, ())
+            for j, entry in enumerate(entries):
+                if self.kind == "flag":
+                    level, _, entity = entry[1].partition(":")
+                    k = first_of.get(f"{level}\x00{entity}")
+                    if k is None:  # found through replace: after the batch's own rows
+                        k, next_key = next_key, next_key + 1
+                elif j < len(pos):
+                    k = pos[j]
+                else:  # death_frame, after every snip entry
+                    k = first_of[entry[1]]
+                keyed.append((int(k), entry))
+        keyed.sort(key=lambda t: t[0])
+        return [entry for _, entry in keyed]
 
 
 def _unsaved_shards(store: ShardedStore) -> list[str]:
@@ -926,24 +1065,48 @@ def _discard(root: Path, token: str, targets: Iterable[Path] = ()) -> None:
         fsync_dir(root / "experiments")
 
 
-def _run_local(calls: list[tuple[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Run the shard tasks here, one at a time (one shard in memory at once)."""
-    return {exp: _merge_shard(*make()) for exp, make in calls}
+def _run_tasks(
+    client: Any, fn: Any, calls: list[tuple[str, Any]], token: str, prefix: str = "merge-shard", stage: str = "merge"
+) -> dict[str, Any]:
+    """Run one task per shard: here one at a time, or on the workers of *client*.
 
+    Parameters
+    ----------
+    client : distributed.Client or None
+        Where the tasks run; None: here, one after the other (one shard in
+        memory at once).
+    fn : callable
+        The task, called with the arguments ``make()`` returns.
+    calls : list of (str, callable)
+        Per shard, its experiment and a function making the task's arguments.
+    token : str
+        The batch's token (in the task keys).
+    prefix, stage : str
+        The task keys' prefix, and the span they run in.
 
-def _run_on_cluster(client: Any, calls: list[tuple[str, Any]], token: str) -> dict[str, dict[str, Any]]:
-    """Run the shard tasks on the workers; raise the first failure (in index order)."""
+    Returns
+    -------
+    dict
+        Experiment to the task's result.
+
+    Raises
+    ------
+    Exception
+        The first failure, in index order, once every task has finished (none
+        may still be writing when the caller cleans up).
+    """
+    if client is None:
+        return {exp: fn(*make()) for exp, make in calls}
+
     from distributed import wait
 
     from pipeline.cluster import _cluster_failures, _span
 
     futures: dict[str, Any] = {}
     try:
-        with _span("merge"), _cluster_failures():
+        with _span(stage), _cluster_failures():
             for i, (exp, make) in enumerate(calls):
-                futures[exp] = client.submit(_merge_shard, *make(), key=f"merge-shard-{token}-{i}", pure=False)
-            # Every task finishes before anything is decided: none may still
-            # be writing when the client cleans up after a failure.
+                futures[exp] = client.submit(fn, *make(), key=f"{prefix}-{token}-{i}", pure=False)
             wait(list(futures.values()))
             for future in futures.values():
                 if future.status != "finished":
@@ -954,6 +1117,201 @@ def _run_on_cluster(client: Any, calls: list[tuple[str, Any]], token: str) -> di
         raise
 
 
+def _fresh(store: ShardedStore) -> None:
+    """Re-read a store another writer changed; refuse unsaved in-memory edits (tasks read the disk)."""
+    if store.changed_on_disk():
+        store.reload()
+    unsaved = _unsaved_shards(store)
+    if unsaved:
+        msg = (
+            f"experiment(s) {unsaved[:3]} of {str(store.root)!r} were edited in memory and not saved; "
+            "a batch merge reads the shards from disk: save() those edits first, or read the store again"
+        )
+        raise MergeConflictError(msg)
+
+
+def _batch(
+    store: ShardedStore,
+    steps: list[_Step],
+    *,
+    kind: str,
+    author: str,
+    inputs: dict[str, Any] | None,
+    extra: dict[str, Any] | None = None,
+    force: bool = False,
+    backups: int = 5,
+    client: Any = None,
+    always: bool = False,
+) -> tuple[str | None, list[list[Any]]]:
+    """Apply the steps of one batch shard by shard, log it and commit it, all-or-nothing.
+
+    The machinery of :func:`apply_sharded`, :func:`undo_sharded` and
+    :func:`merge_many_sharded`: steps on the index's top-level flags are
+    applied here; one task per touched shard (:func:`_merge_shard`, through
+    :func:`_run_tasks`) applies every step's slice of that shard in order,
+    checks it and stages its file; the entries are put in the in-client
+    order, step after step; :func:`_commit_staged` logs and commits.
+
+    Parameters
+    ----------
+    store : ShardedStore
+        The store (fresh from disk, no unsaved edits), its lock held.
+    steps : list of _Step
+        The batch's steps, in order.
+    kind, author : str
+        The change-log record's ``kind`` and ``author``.
+    inputs : dict, optional
+        The record's ``inputs``.
+    extra : dict, optional
+        More keys of the record; with ``checkpoint``, a ``saved`` marker
+        follows it once committed.
+    force : bool, default False
+        Skip the stale-value checks.
+    backups : int, default 5
+        Backups kept of each replaced file.
+    client : distributed.Client, optional
+        Where the tasks run (None: here).
+    always : bool, default False
+        Log and commit even when the batch changed nothing (an undo is a
+        batch of its own whatever it restores).
+
+    Returns
+    -------
+    batch_id : str or None
+        The new batch; None when nothing changed and not *always*.
+    log : list
+        The batch's change-log entries.
+    """
+    from pipeline import changelog
+    from pipeline.cluster import get_client
+
+    stamp = now()
+    token = uuid.uuid4().hex
+    root = store.root
+    top = _top(store)
+    vocab = store.vocabulary
+    visit = [e for e in store.shards if any(s.everywhere or e in s.positions for s in steps)]
+
+    def call(exp: str) -> Any:
+        return lambda: (
+            str(root.resolve()), store.shards[exp], exp, top, vocab,
+            [(s.kind, s.part(exp), s.replace) for s in steps], force, stamp, token,
+        )
+
+    top_logs: list[list[list[Any]]] = [[] for _ in steps]
+    top_undo: list[Any] = []
+
+    def restore_index() -> None:
+        for op in reversed(top_undo):
+            op()
+
+    try:
+        index = None
+        for step, log in zip(steps, top_logs, strict=True):
+            if len(step.positions[None]) or step.everywhere:
+                index = index or _index_store(store)
+                _apply_step(index, step.kind, step.part(None), step.replace, force, log, top_undo)
+                if step.kind == "flag":
+                    _restamp(log, stamp)
+        results = _run_tasks(get_client(client), _merge_shard, [(exp, call(exp)) for exp in visit], token)
+    except BaseException:
+        _discard(root, token)
+        restore_index()
+        raise
+    log = [
+        entry
+        for i, step in enumerate(steps)
+        for entry in step.ordered([(None, top_logs[i]), *((e, results[e]["logs"][i]) for e in visit)])
+    ]
+    if not log and not always:
+        _discard(root, token)
+        restore_index()
+        return None, []
+    batch_id = changelog.new_batch_id()
+    record = {
+        "batch_id": batch_id,
+        "kind": kind,
+        "author": author,
+        "timestamp": now(),
+        "store": str(store.path),
+        "inputs": inputs or {},
+        "changes": log,
+        **(extra or {}),
+    }
+    staged = [(store.shard_path(exp), Path(results[exp]["staged"])) for exp in visit if results[exp]["staged"]]
+    _commit_staged(store, record, staged, token, restore_index, backups)
+    return batch_id, log
+
+
+def _commit_staged(
+    store: ShardedStore,
+    record: dict[str, Any],
+    staged: list[tuple[Path, Path]],
+    token: str,
+    restore_index: Any,
+    backups: int,
+) -> None:
+    """Log a batch, then commit its staged shards and the index with the journal.
+
+    Before the journal is durable a failure removes every staged file,
+    restores the in-memory index and logs ``aborted``; past it the batch
+    completes (here, or when the store is next opened), so nothing is logged
+    as aborted. A checkpoint's record is followed by its ``saved`` marker.
+    """
+    from pipeline import changelog
+
+    root = store.root
+    batch_id, author = record["batch_id"], record["author"]
+    file_info = store.index["file_info"]
+    updated = file_info.get("last_updated")
+    try:
+        changelog.append_record(store.path, record)
+    except BaseException:
+        _discard(root, token)
+        restore_index()
+        raise
+    try:
+        for target, path in staged:
+            os.replace(path, target.with_name(target.name + ".new"))
+        if staged:
+            fsync_dir(root / "experiments")
+        file_info["last_updated"] = now()
+        files: dict[Path, bytes | None] = {target: None for target, _ in staged}
+        files[store.path] = store.to_bytes()
+        journaled_write(root, files, backups=backups)
+    except BaseException as err:
+        if (root / JOURNAL).exists():
+            # Past the commit point: finish now, or the next open will.
+            with contextlib.suppress(Exception):
+                recover(root)
+            _forget_shards(store)
+            if (root / JOURNAL).exists() or not isinstance(err, Exception):
+                raise
+        else:
+            _discard(root, token, [t for t, _ in staged] + [store.path])
+            file_info["last_updated"] = updated
+            restore_index()
+            changelog.append_record(
+                store.path, {"batch_id": batch_id, "kind": "aborted", "author": author, "timestamp": now()}
+            )
+            raise
+    _forget_shards(store)
+    if "checkpoint" in record:
+        changelog.mark_saved(store.path, batch_id)
+
+
+def committed_on_open(store: Store) -> bool:
+    """Whether a sharded store's failed save is past its commit point (its journal is durable).
+
+    Such a batch completes when the store is next opened (it is finished here
+    if possible): it must not be logged as ``aborted``.
+    """
+    if not isinstance(store, ShardedStore) or not (store.root / JOURNAL).exists():
+        return False
+    with contextlib.suppress(Exception):
+        recover(store.root)
+    _forget_shards(store)
+    return True
 def apply_sharded(
     store: ShardedStore,
     kind: str,
@@ -1035,145 +1393,233 @@ def apply_sharded(
     Afterwards the store holds no loaded shard; the index is the one written.
     The order of the change-log entries is that of the in-client merge.
     """
-    from pipeline import changelog, merge
-    from pipeline.cluster import get_client
-
-    if kind not in ("phenotype", "genotype", "measurement", "flag"):
+    if kind not in _KINDS:
         msg = f"kind must be 'phenotype', 'genotype', 'measurement' or 'flag', got {kind!r}"
         raise ValueError(msg)
-    replace = sorted(set(replace or ()))
-    if store.changed_on_disk():
-        store.reload()
-    unsaved = _unsaved_shards(store)
-    if unsaved:
-        msg = (
-            f"experiment(s) {unsaved[:3]} of {str(store.root)!r} were edited in memory and not saved; "
-            "a batch merge reads the shards from disk: save() those edits first, or read the store again"
-        )
-        raise MergeConflictError(msg)
-    shard_of, keys = _route(store, kind, writes)
-    n = len(writes)
-    order = list(store.shards)
-    by_rank = np.argsort(shard_of, kind="stable")
-    bounds = np.searchsorted(shard_of[by_rank], np.arange(-1, len(order) + 1))
-    positions = {
-        exp: by_rank[bounds[i + 1] : bounds[i + 2]] for i, exp in enumerate(order) if bounds[i + 2] > bounds[i + 1]
-    }
-    top_pos = by_rank[bounds[0] : bounds[1]]
-    visit = order if kind == "flag" and replace else [e for e in order if e in positions]
-    stamp = now()
-    token = uuid.uuid4().hex
-    root = store.root
-    top = _top(store)
-    vocab = store.vocabulary
-    empty = writes.iloc[:0]
-
-    def call(exp: str) -> Any:
-        pos = positions.get(exp)
-        return lambda: (
-            str(root.resolve()), store.shards[exp], exp, top, vocab, kind,
-            empty if pos is None else writes.iloc[pos], replace, force, stamp, token,
-        )
-
-    top_log: list[list[Any]] = []
-    top_undo: list[Any] = []
-
-    def restore_index() -> None:
-        for op in reversed(top_undo):
-            op()
-
-    try:
-        if kind == "flag" and (len(top_pos) or replace):
-            doc = {k: v for k, v in store.index.items() if k != "shards"}
-            doc["embryos"] = {}
-            merge._apply_flags(Store(doc, validate=False), writes.iloc[top_pos], replace, top_log, top_undo)
-            _restamp(top_log, stamp)
-        found = get_client(client)
-        calls = [(exp, call(exp)) for exp in visit]
-        results = _run_local(calls) if found is None else _run_on_cluster(found, calls, token)
-    except BaseException:
-        _discard(root, token)
-        restore_index()
-        raise
-
-    # The change-log entries in the order the in-client merge makes them.
-    if kind == "phenotype":
-        emb = writes["embryo_id"].to_numpy(dtype=object)
-        first = ~pd.Series(emb).duplicated().to_numpy()
-        first_of = dict(zip(emb[first], np.flatnonzero(first) + n, strict=True))
-    else:
-        first = ~pd.Series(keys).duplicated().to_numpy()
-        first_of = dict(zip(keys[first], np.flatnonzero(first), strict=True))
-    keyed: list[tuple[int, list[Any]]] = []
-    next_key = 2 * n
-    for exp, entries in [(None, top_log), *((e, results[e]["log"]) for e in visit)]:
-        pos = positions.get(exp) if exp is not None else None
-        for j, entry in enumerate(entries):
-            if kind == "flag":
-                level, _, entity = entry[1].partition(":")
-                k = first_of.get(f"{level}\x00{entity}")
-                if k is None:  # found through replace: after the batch's own rows
-                    k, next_key = next_key, next_key + 1
-            elif j < len(pos):
-                k = pos[j]
-            else:  # death_frame, after every snip entry
-                k = first_of[entry[1]]
-            keyed.append((int(k), entry))
-    keyed.sort(key=lambda t: t[0])
-    log = [entry for _, entry in keyed]
-    staged = [(store.shard_path(exp), Path(results[exp]["staged"])) for exp in visit if results[exp]["staged"]]
-    if not log:
-        _discard(root, token)
-        restore_index()
-        return None, 0
-
-    batch_id = changelog.new_batch_id()
+    _fresh(store)
+    step = _Step(store, kind, writes, replace)
     author = str(writes["author"].iloc[0]) if len(writes) and "author" in writes else ""
-    record = {
-        "batch_id": batch_id,
-        "kind": kind,
-        "author": author,
-        "timestamp": now(),
-        "store": str(store.path),
-        "inputs": inputs or {},
-        "changes": log,
-        **(extra or {}),
-    }
-    author = record["author"]
-    file_info = store.index["file_info"]
-    updated = file_info.get("last_updated")
-    try:
-        changelog.append_record(store.path, record)
-    except BaseException:
-        _discard(root, token)
-        restore_index()
-        raise
-    try:
-        for target, path in staged:
-            os.replace(path, target.with_name(target.name + ".new"))
-        if staged:
-            fsync_dir(root / "experiments")
-        file_info["last_updated"] = now()
-        files: dict[Path, bytes | None] = {target: None for target, _ in staged}
-        files[store.path] = store.to_bytes()
-        journaled_write(root, files, backups=backups)
-    except BaseException as err:
-        if (root / JOURNAL).exists():
-            # Past the commit point: finish now, or the next open will.
-            with contextlib.suppress(Exception):
-                recover(root)
-            _forget_shards(store)
-            if (root / JOURNAL).exists() or not isinstance(err, Exception):
-                raise
-        else:
-            _discard(root, token, [t for t, _ in staged] + [store.path])
-            file_info["last_updated"] = updated
-            restore_index()
-            changelog.append_record(
-                store.path, {"batch_id": batch_id, "kind": "aborted", "author": author, "timestamp": now()}
-            )
-            raise
-    _forget_shards(store)
-    if extra and "checkpoint" in extra:
-        changelog.mark_saved(store.path, batch_id)
+    batch_id, log = _batch(
+        store, [step], kind=kind, author=author, inputs=inputs, extra=extra, force=force, backups=backups,
+        client=client,
+    )
     return batch_id, len(log)
+
+
+def merge_many_sharded(
+    store: ShardedStore,
+    batches: Iterable[tuple[str, pd.DataFrame]],
+    *,
+    kind: str,
+    force: bool = False,
+    inputs: dict[str, Any] | None = None,
+    backups: int = 5,
+    client: Any = None,
+) -> tuple[str | None, int]:
+    """Merge several phenotype and genotype change sets as ONE batch, shard by shard.
+
+    What :func:`pipeline.merge.merge_many` does under the lock, without
+    loading the touched shards in this process: each touched shard's task
+    applies its rows of every change set, in order (as the single-file merge
+    applies the change sets one after the other), checks its touched embryos
+    and stages its file; one change-log record (one ``batch_id``) holds the
+    entries of all change sets, in the single-file order; the files are
+    committed together as :func:`apply_sharded` commits them.
+
+    Parameters
+    ----------
+    store : ShardedStore
+        The store, its lock held by the caller.
+    batches : iterable of (str, pandas.DataFrame)
+        Per change set, its kind (``phenotype`` or ``genotype``) and the rows
+        it writes (status ``assigned`` or ``backfilled``).
+    kind : str
+        The kind recorded in the change log (e.g. ``import``).
+    force : bool, default False
+        Write even where a value changed since the change sets were computed.
+    inputs : dict, optional
+        What produced the batch, recorded in the change log.
+    backups : int, default 5
+        Backups kept of each replaced file.
+    client : distributed.Client, optional
+        Where the tasks run; default the active client, else this process.
+
+    Returns
+    -------
+    batch_id : str or None
+        The batch; None when nothing changed (nothing is recorded).
+    n_entries : int
+        Its change-log entries.
+
+    Raises
+    ------
+    MergeConflictError
+        If a value changed since the change sets were computed (and not
+        *force*), a change set names an embryo the store does not have, or a
+        loaded shard has unsaved edits. Nothing is written.
+    StoreFormatError
+        If a shard on disk, or an embryo after the batch, breaks the contract.
+    """
+    batches = [(k, w) for k, w in batches if len(w)]
+    wrong = sorted({k for k, _ in batches} - {"phenotype", "genotype"})
+    if wrong:
+        msg = f"merge_many_sharded takes phenotype and genotype change sets, got {wrong}"
+        raise ValueError(msg)
+    _fresh(store)
+    steps = [_Step(store, k, w) for k, w in batches]
+    author = str(batches[0][1]["author"].iloc[0]) if batches and "author" in batches[0][1] else ""
+    batch_id, log = _batch(
+        store, steps, kind=kind, author=author, inputs=inputs, force=force, backups=backups, client=client
+    )
+    return batch_id, len(log)
+
+
+def undo_sharded(
+    store: ShardedStore,
+    record: dict[str, Any],
+    *,
+    force: bool = False,
+    backups: int = 5,
+    client: Any = None,
+) -> tuple[str, list[list[Any]]]:
+    """Put back the ``before`` values of one logged batch, shard by shard, as a new batch.
+
+    What :func:`pipeline.merge.undo` does under the lock once it has checked
+    the later batches, without loading the touched shards in this process:
+    the record's entries, last first, go to the task of their shard (flags of
+    experiments, videos and images are restored here in the index), which
+    restores them, checks the touched embryos and stages its file; the undo
+    is logged as a batch of its own (kind ``undo``, ``inputs`` naming the
+    batch undone) with the entries in the single-file order, and committed
+    as :func:`apply_sharded` commits.
+
+    Parameters
+    ----------
+    store : ShardedStore
+        The store, its lock held by the caller.
+    record : dict
+        The change-log record of the batch to undo.
+    force : bool, default False
+        Recorded in the undo's ``inputs`` (the caller checked the later batches).
+    backups : int, default 5
+        Backups kept of each replaced file.
+    client : distributed.Client, optional
+        Where the tasks run; default the active client, else this process.
+
+    Returns
+    -------
+    batch_id : str
+        The undo's batch (recorded even when it restores nothing).
+    log : list
+        Its change-log entries: ``[target, entity, field, current, before]``.
+
+    Raises
+    ------
+    MergeConflictError
+        If an entry names an embryo the store does not have, or a loaded
+        shard has unsaved edits.
+    StoreFormatError
+        If a shard on disk, or an embryo after the undo, breaks the contract.
+    """
+    _fresh(store)
+    rows = [list(entry) for entry in reversed(record.get("changes", []))]
+    step = _Step(store, "undo", rows)
+    batch_id, log = _batch(
+        store, [step], kind="undo", author="undo", inputs={"undo_of": record["batch_id"], "force": force},
+        backups=backups, client=client, always=True,
+    )
+    assert batch_id is not None  # always=True
+    return batch_id, log
+
+
+def _holds_in(one: Store, entries: list[list[Any]]) -> tuple[bool, bool]:
+    """Whether *one* holds every ``after`` value of *entries*, and every ``before`` value."""
+    from pipeline import merge
+
+    after = before = True
+    for target, entity, fieldname, old, new in entries:
+        try:
+            current = merge._current_value(one, target, entity, fieldname)
+        except (KeyError, ValueError):
+            return False, False
+        after = after and current == new
+        before = before and current == old
+        if not (after or before):
+            break
+    return after, before
+
+
+def _shard_holds(
+    root: str, rel: str, experiment: str, top: dict[str, Any], vocab: dict[str, Any], checks: list[list[list[Any]]]
+) -> list[tuple[bool, bool]]:
+    """Per batch, whether one shard holds its entries' ``after`` and ``before`` values (runs on a worker)."""
+    embryos = _load_shard(Path(root) / rel, experiment, top, vocab)
+    one = _shard_store(embryos, top)
+    return [_holds_in(one, entries) for entries in checks]
+
+
+def holds_sharded(
+    store: ShardedStore, batches: list[list[list[Any]]], *, client: Any = None
+) -> list[tuple[bool, bool]]:
+    """Whether a sharded store holds each batch's ``after`` values, and its ``before`` values.
+
+    How :func:`pipeline.merge.merge_into_store` judges a checkpoint whose
+    ``saved`` marker is missing, without loading the shards in this process:
+    each touched shard is read by a task (on the workers of the active
+    client, else here one at a time) that checks its entries of every batch;
+    the index's top-level flags are checked here; shards already loaded are
+    read from memory.
+
+    Parameters
+    ----------
+    store : ShardedStore
+        The store.
+    batches : list of list
+        Per batch, its change-log entries ``[target, entity, field, before, after]``.
+    client : distributed.Client, optional
+        Where the tasks run; default the active client, else this process.
+
+    Returns
+    -------
+    list of (bool, bool)
+        Per batch: every ``after`` value is in the store; every ``before``
+        value is. An entity the store does not have makes both False.
+
+    Raises
+    ------
+    StoreFormatError
+        If a shard file breaks the contract.
+    """
+    from pipeline.cluster import get_client
+
+    judged = [[True, True] for _ in batches]
+    steps: dict[int, _Step] = {}
+    for i, changes in enumerate(batches):
+        try:
+            steps[i] = _Step(store, "undo", [list(c) for c in changes])
+        except MergeConflictError:
+            judged[i] = [False, False]
+
+    def fold(i: int, found: tuple[bool, bool]) -> None:
+        judged[i] = [judged[i][0] and found[0], judged[i][1] and found[1]]
+
+    index = _index_store(store)
+    for i, step in steps.items():
+        fold(i, _holds_in(index, step.part(None)))
+    order = list(steps)
+    visit = [e for e in store.shards if any(e in s.positions for s in steps.values())]
+    top, vocab, root = _top(store), store.vocabulary, str(store.root.resolve())
+    for exp in [e for e in visit if e in store._loaded]:
+        one = _shard_store(store._loaded[exp], top)
+        for i in order:
+            fold(i, _holds_in(one, steps[i].part(exp)))
+    calls = [
+        (exp, lambda exp=exp: (root, store.shards[exp], exp, top, vocab, [steps[i].part(exp) for i in order]))
+        for exp in visit
+        if exp not in store._loaded
+    ]
+    token = uuid.uuid4().hex
+    for found in _run_tasks(get_client(client), _shard_holds, calls, token, "holds-shard", "resume").values():
+        for i, pair in zip(order, found, strict=True):
+            fold(i, pair)
+    return [(bool(a), bool(b)) for a, b in judged]
