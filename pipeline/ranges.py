@@ -364,9 +364,10 @@ class FrameRange:
     parts: tuple[Part, ...] = ()
     canonical: str = field(init=False, repr=False)
     # Precompiled for the vectorised core: the bytes of one row of int64
-    # fields per part (see _record), and the snip id of each part ("" if none).
+    # fields per part (see _record), and the UTF-8 bytes of the snip ids
+    # named, one after the other (a part's record holds its id's length).
     _records: bytes = field(init=False, repr=False)
-    _snips: tuple[str, ...] = field(init=False, repr=False)
+    _snip_bytes: bytes = field(init=False, repr=False)
 
     _types: ClassVar[tuple[type, ...]] = (Named, Position, Span, FrameInterval, SnipId)
 
@@ -380,8 +381,8 @@ class FrameRange:
         object.__setattr__(self, "canonical", _format(parts))
         records = np.array([_record(p) for p in parts], dtype=np.int64)
         object.__setattr__(self, "_records", records.tobytes())
-        snips = tuple(p.snip_id if isinstance(p, SnipId) else "" for p in parts)
-        object.__setattr__(self, "_snips", snips)
+        snips = (p.snip_id for p in parts if isinstance(p, SnipId))
+        object.__setattr__(self, "_snip_bytes", "".join(snips).encode())
 
     def __str__(self) -> str:
         return self.canonical
@@ -1545,17 +1546,15 @@ def expand_ranges(
     # whole partition), by fingerprint over the arrow buffers, then exactly.
     sel = np.flatnonzero(kind == _K_SNIP)
     if sel.size:
-        wanted = np.array(
-            [
-                specs[c]._snips[k]
-                for c, k in zip(
-                    spec_code[item_entry[sel]].tolist(),
-                    item_number[sel].tolist(),
-                    strict=True,
-                )
-            ],
-            dtype=object,
+        # Every record's snip id ("" for other parts) as one arrow array, from
+        # the specs' id bytes laid end to end and the lengths in the records.
+        ends = np.cumsum(records[6])
+        snip_ids = pa.LargeStringArray.from_buffers(
+            ends.size,
+            pa.py_buffer(np.concatenate([np.zeros(1, np.int64), ends])),
+            pa.py_buffer(b"".join(map(operator.attrgetter("_snip_bytes"), specs))),
         )
+        wanted = snip_ids.take(pa.array(item_rec[sel]))
         # The ids wanted in one entry share its block: items of an entry are
         # consecutive, so the blocks are the entries' runs in sel.
         new_entry = np.ones(sel.size, dtype=bool)
@@ -1563,14 +1562,14 @@ def expand_ranges(
         heads = sel[new_entry]
         where = _find_snip_ids(
             part.index, start0[heads], n[heads], np.cumsum(new_entry) - 1,
-            fields[6][sel], fields[7][sel], pa.array(wanted, type=pa.large_string()),
+            fields[6][sel], fields[7][sel], wanted,
         )  # fmt: skip
         found = where >= 0
         first[sel[found]] = where[found] - start0[sel[found]]
         count[sel[found]] = 1
         lost = np.flatnonzero(count[sel] == 0)
         report.add(
-            sel[lost], UNKNOWN_SNIP_ID, pa.array(wanted[lost], type=pa.string()),
+            sel[lost], UNKNOWN_SNIP_ID, wanted.take(pa.array(lost)),
             " is not a snip of embryo ", embryo_of(item_entry[sel[lost]]),
         )  # fmt: skip
 
