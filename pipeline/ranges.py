@@ -1126,14 +1126,34 @@ def _is_arrow_text(values: pd.Series | pd.Index) -> bool:
     return isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow"
 
 
+def _whole_strings(values: pd.Index) -> pa.Array | None:
+    """The one arrow string array holding *values*, if there is one.
+
+    None when *values* are not arrow strings or are split into several chunks
+    (joining them would copy every string).
+    """
+    if not _is_arrow_text(values):
+        return None
+    data = pa.array(values.array)
+    if isinstance(data, pa.ChunkedArray):
+        if data.num_chunks != 1:
+            return None
+        data = data.chunk(0)
+    if data.type not in (pa.string(), pa.large_string()):
+        return None
+    return data
+
+
 def _string_buffers(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Zero-copy views of a ``large_string`` array: offsets and UTF-8 bytes.
+    """Zero-copy views of a string array: offsets (as int64) and UTF-8 bytes.
 
     String i is ``data[offsets[i]:offsets[i + 1]]``.
     """
     _, offsets, data = strings.buffers()
+    width = np.int64 if strings.type == pa.large_string() else np.int32
     count = strings.offset + len(strings) + 1
-    offsets = np.frombuffer(offsets, dtype=np.int64, count=count)[strings.offset :]
+    offsets = np.frombuffer(offsets, dtype=width, count=count)[strings.offset :]
+    offsets = offsets.astype(np.int64, copy=False)
     if data is None:
         return offsets, np.empty(0, dtype=np.uint8)
     return offsets, np.frombuffer(data, dtype=np.uint8)
@@ -1169,8 +1189,9 @@ def _find_snip_ids(
     heads = np.cumsum(block_len) - block_len
     snips = np.arange(int(block_len.sum()), dtype=np.int64)
     snips += np.repeat(block_start - heads, block_len)
-    if _is_arrow_text(index):
-        strings, at = _arrow_strings(index), snips
+    whole = _whole_strings(index)
+    if whole is not None:
+        strings, at = whole, snips
     else:
         strings, at = _arrow_strings(index, snips), None
     offsets, data = _string_buffers(strings)
@@ -1201,7 +1222,7 @@ def _find_snip_ids(
     owner = np.searchsorted(firsts, maybe, side="right") - 1
     found = snips[link[maybe]]
     mine = pa.array(link[maybe] if at is None else found)
-    exact = pc.equal(strings.take(mine), wanted.take(pa.array(owner)))
+    exact = pc.equal(strings.take(mine).cast(wanted.type), wanted.take(pa.array(owner)))
     hits = np.flatnonzero(pc.fill_null(exact, False).to_numpy(zero_copy_only=False))
     # Hits ascend, so the first hit of each id is its first match.
     owner, found = owner[hits], found[hits]

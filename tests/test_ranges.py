@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -938,3 +939,26 @@ def test_core_death_position_outside_the_embryo_is_described():
         f"death+5 is position 11, outside [0, 10) for embryo {embryo_id(1)}",
         f"death-7 is position -1, outside [0, 10) for embryo {embryo_id(1)}",
     ]
+
+
+@pytest.mark.parametrize("layout", ["one chunk", "chunks", "int32 offsets"])
+def test_core_snip_ids_whatever_the_arrow_layout(layout):
+    part = pd.concat(
+        [one_embryo_part(FRAMES, None, embryo=e) for e in (1, 2, 3)]
+    ).reset_index()
+    ids = part["snip_id"].tolist()
+    text = pd.Series([], dtype=str).dtype
+    if layout == "chunks":
+        data = pa.chunked_array([pa.array(ids[:13]), pa.array(ids[13:])])
+    else:
+        kind = pa.string() if layout == "int32 offsets" else pa.large_string()
+        data = pa.array(ids, type=kind)
+    try:
+        index = pd.Index(pd.arrays.ArrowStringArray(data, dtype=text), name="snip_id")
+    except TypeError:  # pandas 2
+        index = pd.Index(ids, name="snip_id")
+    part = part.drop(columns="snip_id").set_axis(index)
+    spec = [snip_id(2, 10), snip_id(2, 0), snip_id(3, 0)]
+    pairs, outcomes = expand_ranges(part, rows_frame([(0, embryo_id(2), spec)]))
+    assert pairs["pos"].tolist() == [10, 19]
+    assert outcomes["reason"].tolist() == [UNKNOWN_SNIP_ID]
