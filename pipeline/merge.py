@@ -622,17 +622,22 @@ def _resumable(
     with store.locked(lock_timeout):
         if store.changed_on_disk():
             store.reload()
+        candidates = []
         for record, saved in changelog.run_checkpoints(store.path, key):
             checkpoint = record["checkpoint"]
             if record.get("kind") != kind or checkpoint.get("npartitions") != nparts:
                 ignored += 1
                 continue
-            changes = record.get("changes", [])
-            # Without the "saved" marker the process may have died between the
-            # log line and the store write: trust the store's values.
-            if saved or _holds(store, changes, after=True):
+            candidates.append((record, saved))
+        # Without the "saved" marker the process may have died between the
+        # log line and the store write: trust the store's values.
+        judged = iter(_judge(store, [r.get("changes", []) for r, saved in candidates if not saved]))
+        for record, saved in candidates:
+            checkpoint = record["checkpoint"]
+            has_after, has_before = (True, True) if saved else next(judged)
+            if saved or has_after:
                 done.update(int(i) for i in checkpoint.get("partitions", []) if 0 <= int(i) < nparts)
-            elif not dry_run and _holds(store, changes, after=False):
+            elif not dry_run and has_before:
                 # Logged, never written: say so in the log, so that neither
                 # undo nor read_changelog takes it for a batch of the store.
                 changelog.append_record(store.path, {
@@ -645,6 +650,21 @@ def _resumable(
             "resumed; their partitions were computed again"
         )
     return done
+
+
+def _judge(store: Store, batches: list[list[list[Any]]]) -> list[tuple[bool, bool]]:
+    """Per batch: whether the store holds every ``after`` value, and every ``before`` value.
+
+    A sharded store is read shard by shard (:func:`pipeline.shards.holds_sharded`,
+    on the workers when a client is active), never loading the shards here.
+    """
+    if not batches:
+        return []
+    from pipeline import shards
+
+    if isinstance(store, shards.ShardedStore):
+        return shards.holds_sharded(store, batches)
+    return [(_holds(store, c, after=True), _holds(store, c, after=False)) for c in batches]
 
 
 def _holds(store: Store, changes: list[list[Any]], *, after: bool) -> bool:
@@ -796,7 +816,10 @@ def merge_many(
 
     Notes
     -----
-    Triggers computation.
+    Triggers computation. On a sharded store the batch is applied shard by
+    shard (:func:`pipeline.shards.merge_many_sharded`, on the workers when a
+    client is active), never loading the touched shards in this process,
+    with the same result and change-log record.
     """
     sets = list(change_sets)
     kinds = [kind_of(c) for c in sets]
@@ -828,6 +851,17 @@ def merge_many(
         if store.changed_on_disk():
             store.reload()
             report.notes.append("the store was changed by another writer: re-read, and the batch applied on top")
+        from pipeline import shards
+
+        if isinstance(store, shards.ShardedStore):
+            # One batch, shard by shard (on the workers when a client is
+            # active): this process never holds the touched shards.
+            batch_id, _n = shards.merge_many_sharded(
+                store, list(zip(kinds, writes, strict=True)), kind=label, force=force, inputs=inputs
+            )
+            if batch_id is not None:
+                report.batch_id, report.batch_ids = batch_id, [batch_id]
+            return report
         log: list[list[Any]] = []
         undo_ops: list[Callable[[], None]] = []
         try:
@@ -901,7 +935,13 @@ def _commit(
     try:
         store.save(_locked=True, force=True, _checked=True)
     except BaseException:
-        changelog.append_record(store.path, {"batch_id": batch_id, "kind": "aborted", "author": author, "timestamp": now()})
+        # A sharded store whose journal is durable completes the batch when
+        # opened: it is not aborted (sharded batches normally go through
+        # pipeline.shards, which knows this too).
+        if not _completes_on_open(store):
+            changelog.append_record(
+                store.path, {"batch_id": batch_id, "kind": "aborted", "author": author, "timestamp": now()}
+            )
         raise
     if extra and "checkpoint" in extra:
         # The batch is in the store now: a marker that cannot be written only
@@ -1293,6 +1333,11 @@ def undo(store: Store, batch_id: str, *, force: bool = False, lock_timeout: floa
     inputs computes an undone checkpoint's partitions again. Measurement
     values that did not exist before the batch are removed again (and a
     ``measurements`` object the batch created, once empty).
+
+    On a sharded store the values are restored shard by shard
+    (:func:`pipeline.shards.undo_sharded`, on the workers when a client is
+    active), never loading the touched shards in this process, with the same
+    result, change-log record and all-or-nothing commit.
     """
     if store.path is None:
         msg = "undo needs a store read from a file (the change log lives beside it)"
@@ -1304,6 +1349,13 @@ def undo(store: Store, batch_id: str, *, force: bool = False, lock_timeout: floa
         hits = changelog.later_conflicts(record, later)
         if hits and not force:
             raise changelog.conflict_error(batch_id, hits)
+        from pipeline import shards
+
+        if isinstance(store, shards.ShardedStore):
+            # Shard by shard, in tasks (on the workers when a client is
+            # active): this process never holds the touched shards.
+            new_id, log = shards.undo_sharded(store, record, force=force)
+            return _undo_report(store, new_id, log)
         log: list[list[Any]] = []
         undo_ops: list[Callable[[], None]] = []
         try:
@@ -1319,16 +1371,31 @@ def undo(store: Store, batch_id: str, *, force: bool = False, lock_timeout: floa
             try:
                 store.save(_locked=True, force=True, _checked=True)
             except BaseException:
-                changelog.append_record(store.path, {"batch_id": new_id, "kind": "aborted", "author": "undo", "timestamp": now()})
+                if not _completes_on_open(store):
+                    changelog.append_record(
+                        store.path, {"batch_id": new_id, "kind": "aborted", "author": "undo", "timestamp": now()}
+                    )
                 raise
         except BaseException:
             for op in reversed(undo_ops):
                 op()
             store.invalidate()
             raise
+    return _undo_report(store, new_id, log)
+
+
+def _undo_report(store: Store, new_id: str, log: list[list[Any]]) -> MergeReport:
+    """The report of an undo batch that restored the values of *log*."""
     table = pd.DataFrame({"status": ["assigned"] * len(log)})
     return MergeReport(batch_id=new_id, kind="undo", counts={"restored": len(log)}, n_written=len(log), overrides=0,
                        failed=table.iloc[:0], changes=table, path=str(store.path), batch_ids=[new_id])
+
+
+def _completes_on_open(store: Store) -> bool:
+    """Whether a failed save is past a sharded store's commit point (then it is not aborted)."""
+    from pipeline import shards
+
+    return shards.committed_on_open(store)
 
 
 def _restore(store: Store, target: str, entity: str, fieldname: str, before: Any, after: Any, log: list[list[Any]], undo_ops: list[Callable[[], None]]) -> None:

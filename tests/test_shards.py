@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 import subprocess
@@ -11,7 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dask
+import dask.dataframe as dd
 import numpy as np
+import orjson
 import pandas as pd
 import pytest
 
@@ -649,3 +652,277 @@ def test_extending_experiment_ids_are_refused_in_linear_time(tmp_path: Path) -> 
     index = {"file_info": {}, "flags": {}, "shards": {e: f"experiments/{e}.json" for e in ("20240102", "20240102_b")}}
     with pytest.raises(pipeline.errors.StoreFormatError, match="'20240102' and '20240102_b'"):
         sharded_snips(ShardedStore(tmp_path, index), measurements=[])
+
+
+# ------------------------------- undo, merge_many and checkpoint checks shard by shard
+def _merged_pair(single: Path, sharded: Path, case: str) -> tuple[str, str]:
+    """Merge one case into both layouts with merge_into_store; the two batch ids."""
+    make, options = _CASES[case]
+    changes = make(single)
+    ids_ = []
+    for path in (single, sharded):
+        report = pipeline.merge_into_store(pipeline.read_store(path), changes, **options)
+        assert report.batch_id
+        ids_.append(report.batch_id)
+    return ids_[0], ids_[1]
+
+
+def _same_record(ours: dict, theirs: dict) -> None:
+    assert (ours["kind"], ours["author"]) == (theirs["kind"], theirs["author"])
+    assert _normalised(ours["changes"]) == _normalised(theirs["changes"])
+
+
+def _check_sharded_undo(single: Path, sharded: Path, tmp_path: Path, case: str) -> None:
+    original = pipeline.read_store(single).doc
+    first, second = _merged_pair(single, sharded, case)
+    pipeline.undo(pipeline.read_store(single), first)
+    store = pipeline.read_store(sharded)
+    report = pipeline.undo(store, second)
+    # Nothing loaded in this process; the index as written; no stray files.
+    assert store._loaded == {}
+    assert not store.changed_on_disk()
+    assert not list(sharded.rglob("*.new"))
+    assert not (sharded / JOURNAL).exists()
+    ours, theirs = _last_record(sharded / "store.json"), _last_record(single)
+    assert ours["batch_id"] == report.batch_id
+    assert ours["inputs"] == {"undo_of": second, "force": False}
+    _same_record(ours, theirs)
+    assert report.n_written == len(theirs["changes"])
+    back = tmp_path / f"back-{case}.json"
+    unshard_store(sharded, back)
+    assert_store_equal(pipeline.read_store(back), pipeline.read_store(single))
+    assert_store_equal(pipeline.read_store(back), original)
+    # The undo is a batch of its own: undoing it redoes the merge, on both layouts.
+    pipeline.undo(pipeline.read_store(single), theirs["batch_id"])
+    pipeline.undo(pipeline.read_store(sharded), report.batch_id)
+    _same_record(_last_record(sharded / "store.json"), _last_record(single))
+    assert _normalised(pipeline.read_store(sharded)._full_doc()) == _normalised(pipeline.read_store(single).doc)
+
+
+@pytest.mark.parametrize("case", list(_CASES))
+def test_sharded_undo_equals_single_file_undo(single: Path, sharded: Path, tmp_path: Path, case: str) -> None:
+    with dask.config.set(scheduler="sync"):
+        _check_sharded_undo(single, sharded, tmp_path, case)
+
+
+@pytest.mark.distributed
+def test_sharded_undo_on_a_local_cluster(single: Path, sharded: Path, tmp_path: Path, local_client) -> None:
+    _check_sharded_undo(single, sharded, tmp_path, "phenotype")
+    assert "merge-shard" in local_client.cluster.scheduler.task_prefixes
+    make_store(n_experiments=4, n_embryos=6, n_frames=12, seed=7).save(tmp_path / "f.json")
+    shard_store(tmp_path / "f.json", tmp_path / "f")
+    _check_sharded_undo(tmp_path / "f.json", tmp_path / "f", tmp_path, "flag-replace")
+
+
+def test_sharded_undo_refuses_later_conflicts_unless_forced(single: Path, sharded: Path) -> None:
+    _first, batch = _merged_pair(single, sharded, "genotype")
+    store = pipeline.read_store(sharded)
+    embryo = _last_record(sharded / "store.json")["changes"][0][1]
+    store.add_genotype(embryo, "sox9a", author="later", overwrite=True)
+    store.save()
+    later = pipeline.merge_into_store(
+        pipeline.read_store(sharded),
+        pipeline.assign_genotypes(pipeline.read_store(sharded), [{"embryo_id": embryo, "genotype": "WT"}], author="later"),
+    )
+    assert later.batch_id
+    before = _files(sharded)
+    records = len(list(changelog.iter_records(sharded / "store.json")))
+    with pytest.raises(MergeConflictError, match=embryo):
+        pipeline.undo(pipeline.read_store(sharded), batch)
+    assert _files(sharded) == before
+    assert len(list(changelog.iter_records(sharded / "store.json"))) == records
+    store = pipeline.read_store(sharded)
+    report = pipeline.undo(store, batch, force=True)
+    assert _last_record(sharded / "store.json")["inputs"] == {"undo_of": batch, "force": True}
+    assert store._loaded == {}
+    assert report.batch_id in changelog.in_effect(changelog.committed_batches(sharded / "store.json"))
+
+
+def test_a_failing_sharded_undo_leaves_every_file_byte_identical(single: Path, sharded: Path) -> None:
+    _first, batch = _merged_pair(single, sharded, "flag-replace")
+    log = changelog.changelog_path(sharded / "store.json")
+    records = list(changelog.iter_records(sharded / "store.json"))
+    record = next(r for r in records if r["batch_id"] == batch)
+    assert any(e[1].split(":")[0] in ("video", "experiment") for e in record["changes"])  # some in the index
+    # The batch's before value of an embryo of the last shard breaks the
+    # vocabulary: that shard's task fails after the others staged theirs.
+    store = pipeline.read_store(sharded)
+    last = max(store.shards)
+    entry = next(e for e in reversed(record["changes"]) if e[1].startswith(f"embryo:{last}_"))
+    entry[3] = [{"value": "NOT_A_FLAG", "author": "x", "timestamp": STAMP, "severity": "info", "auto_generated": True}]
+    log.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    before = _files(sharded)
+    n_records = len(records)
+    store = pipeline.read_store(sharded)
+    index_before = copy.deepcopy(store.index)
+    with pytest.raises(pipeline.errors.StoreFormatError, match="NOT_A_FLAG"):
+        pipeline.undo(store, batch)
+    assert _files(sharded) == before
+    assert not list(sharded.rglob("*.new"))
+    assert len(list(changelog.iter_records(sharded / "store.json"))) == n_records
+    assert store.index == index_before
+    assert store._loaded == {}
+
+
+def _pheno_and_geno(single: Path) -> list[pd.DataFrame]:
+    return [_phenotype_changes(single), _genotype_changes(single)]
+
+
+@pytest.mark.parametrize("where", ["here", "cluster"])
+def test_sharded_merge_many_equals_single_file(single: Path, sharded: Path, tmp_path: Path, where: str, request) -> None:
+    if where == "cluster":
+        client = request.getfixturevalue("local_client")
+    sets = _pheno_and_geno(single)
+    original = pipeline.read_store(single).doc
+    theirs = pipeline.merge.merge_many(pipeline.read_store(single), sets, kind="import", inputs={"sheet": "x"})
+    store = pipeline.read_store(sharded)
+    with dask.config.set(scheduler="sync") if where == "here" else contextlib.nullcontext():
+        ours = pipeline.merge.merge_many(store, sets, kind="import", inputs={"sheet": "x"})
+    if where == "cluster":
+        assert "merge-shard" in client.cluster.scheduler.task_prefixes
+    assert store._loaded == {}
+    assert ours.counts == theirs.counts
+    assert ours.n_written == theirs.n_written
+    assert ours.batch_ids == [ours.batch_id]
+    record = _last_record(sharded / "store.json")
+    assert (record["batch_id"], record["kind"], record["inputs"]) == (ours.batch_id, "import", {"sheet": "x"})
+    _same_record(record, _last_record(single))
+    assert {e[2] for e in record["changes"]} >= {"phenotype", "genotype"}  # both kinds, one batch
+    back = tmp_path / "back.json"
+    unshard_store(sharded, back)
+    assert_store_equal(pipeline.read_store(back), pipeline.read_store(single))
+    # One undo restores both kinds.
+    pipeline.undo(pipeline.read_store(sharded), ours.batch_id)
+    assert_store_equal(pipeline.read_store(sharded)._full_doc(), original)
+
+
+def test_a_failing_sharded_merge_many_leaves_every_file_byte_identical(single: Path, sharded: Path) -> None:
+    pheno, geno = _pheno_and_geno(single)
+    # Another writer changes a genotype the batch replaces, in the first shard.
+    store = pipeline.read_store(sharded)
+    first = min(store.shards)
+    row = geno.loc[geno["embryo_id"].str.startswith(first + "_") & geno["status"].eq("assigned")].iloc[0]
+    store.add_genotype(row["embryo_id"], "sox9a" if row["old_value"] != "sox9a" else "WT", author="other", overwrite=True)
+    store.save()
+    before = _files(sharded)
+    records = len(list(changelog.iter_records(sharded / "store.json")))
+    store = pipeline.read_store(sharded)
+    index_before = copy.deepcopy(store.index)
+    with pytest.raises(MergeConflictError, match=row["embryo_id"]):
+        pipeline.merge.merge_many(store, [pheno, geno], kind="import")
+    assert _files(sharded) == before
+    assert not list(sharded.rglob("*.new"))
+    assert len(list(changelog.iter_records(sharded / "store.json"))) == records
+    assert store.index == index_before
+    assert store._loaded == {}
+
+
+_FAILING_UNDO = textwrap.dedent(
+    """
+    import sys
+    import pipeline, pipeline.shards as shards
+    root, batch, times = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    real, calls = shards._replace_new, []
+    def failing(target, backups):
+        # A rename that fails once the journal is durable (a full disk, say).
+        calls.append(target)
+        if len(calls) <= times:
+            raise OSError(28, "No space left on device")
+        real(target, backups)
+    shards._replace_new = failing
+    try:
+        pipeline.undo(pipeline.read_store(root), batch)
+    except OSError:
+        sys.exit(3)
+    """
+)
+
+
+@pytest.mark.parametrize("times", [1, 99], ids=["finished-in-process", "finished-on-open"])
+def test_a_sharded_undo_failing_past_the_commit_point_is_not_logged_aborted(
+    single: Path, sharded: Path, times: int
+) -> None:
+    _first, batch = _merged_pair(single, sharded, "phenotype")
+    pipeline.undo(pipeline.read_store(single), _first)
+    done = subprocess.run(
+        [sys.executable, "-c", _FAILING_UNDO, str(sharded), batch, str(times)],
+        capture_output=True, text=True, check=False,
+    )
+    assert done.returncode == (0 if times == 1 else 3), done.stderr
+    assert (sharded / JOURNAL).exists() == (times == 99)
+    kinds = [r["kind"] for r in changelog.iter_records(sharded / "store.json")]
+    assert kinds[-1] == "undo"
+    assert "aborted" not in kinds
+    # Opening completes it: the store holds the undo the log says it does.
+    store = pipeline.read_store(sharded)
+    assert not (sharded / JOURNAL).exists()
+    assert _normalised(store._full_doc()) == _normalised(pipeline.read_store(single).doc)
+
+
+def _watched(changes: dd.DataFrame, fail_at: int | None = None) -> tuple[dd.DataFrame, list[int]]:
+    """The same change set, recording the partitions computed (and failing one)."""
+    seen: list[int] = []
+
+    def watch(part: pd.DataFrame, number: int) -> pd.DataFrame:
+        seen.append(number)
+        if number == fail_at:
+            msg = f"partition {number} failed"
+            raise RuntimeError(msg)
+        return part
+
+    parts = [dask.delayed(watch)(p, i) for i, p in enumerate(changes.to_delayed())]
+    return dd.from_delayed(parts, meta=changes._meta, verify_meta=False), seen
+
+
+def _checkpointed(root: Path, rows: list, fail_at: int | None = None) -> tuple[pipeline.merge.MergeReport | None, list[int]]:
+    store = pipeline.read_store(root)
+    snips = pipeline.snips_from_store(store)
+    changes, seen = _watched(
+        pipeline.assign_phenotypes(snips, rows, author="ck", vocabulary=store.vocabulary, timestamp=STAMP), fail_at
+    )
+    try:
+        return pipeline.merge_into_store(store, changes, checkpoint_every=1, inputs={"rows": "r"}), seen
+    except RuntimeError:
+        return None, seen
+
+
+def _drop_last_saved_marker(root: Path) -> dict:
+    log = changelog.changelog_path(root / "store.json")
+    records = list(changelog.iter_records(root / "store.json"))
+    last = [r for r in records if "checkpoint" in r][-1]
+    kept = [r for r in records if not (r["kind"] == changelog.SAVED and r["batch_id"] == last["batch_id"])]
+    log.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in kept))
+    return last
+
+
+@pytest.mark.parametrize("reached", [True, False], ids=["in-the-store", "never-written"])
+def test_a_checkpoint_without_saved_marker_is_judged_shard_by_shard(sharded: Path, tmp_path: Path, reached: bool) -> None:
+    with dask.config.set(scheduler="sync"):
+        rows = make_assignments(pipeline.read_store(sharded), n_rows=60, seed=1)
+        reference = tmp_path / "reference"
+        shutil.copytree(sharded, reference)
+        assert _checkpointed(reference, rows)[0].npartitions == 4
+        if not reached:
+            # The store as it was after checkpoint 0 only; the log of a run
+            # that also logged checkpoint 1 (then died before writing it).
+            other = tmp_path / "other"
+            shutil.copytree(sharded, other)
+            assert _checkpointed(other, rows, fail_at=2)[0] is None
+        assert _checkpointed(sharded, rows, fail_at=1 if not reached else 2)[0] is None
+        if not reached:
+            shutil.copy(changelog.changelog_path(other / "store.json"), changelog.changelog_path(sharded / "store.json"))
+        last = _drop_last_saved_marker(sharded)
+        assert last["checkpoint"]["partitions"] == [1]
+        store = pipeline.read_store(sharded)
+        key = last["checkpoint"]["run"]
+        notes: list[str] = []
+        done = pipeline.merge._resumable(store, key, "phenotype", 4, notes, 10.0, True)
+        assert done == ({0, 1} if reached else {0})
+        assert store._loaded == {}
+        report, seen = _checkpointed(sharded, rows)
+    assert report.resumed == (2 if reached else 1)
+    assert sorted(seen) == ([2, 3] if reached else [1, 2, 3])
+    if not reached:
+        aborted = [r for r in changelog.iter_records(sharded / "store.json") if r["kind"] == "aborted"]
+        assert [r["batch_id"] for r in aborted] == [last["batch_id"]]
+    assert _normalised(pipeline.read_store(sharded)._full_doc()) == _normalised(pipeline.read_store(reference)._full_doc())
