@@ -1209,7 +1209,8 @@ def _batch(
         index = None
         for step, log in zip(steps, top_logs, strict=True):
             if len(step.positions[None]) or step.everywhere:
-                index = index or _index_store(store)
+                if index is None:
+                    index = _index_store(store)
                 _apply_step(index, step.kind, step.part(None), step.replace, force, log, top_undo)
                 if step.kind == "flag":
                     _restamp(log, stamp)

@@ -926,3 +926,18 @@ def test_a_checkpoint_without_saved_marker_is_judged_shard_by_shard(sharded: Pat
         aborted = [r for r in changelog.iter_records(sharded / "store.json") if r["kind"] == "aborted"]
         assert [r["batch_id"] for r in aborted] == [last["batch_id"]]
     assert _normalised(pipeline.read_store(sharded)._full_doc()) == _normalised(pipeline.read_store(reference)._full_doc())
+
+
+@pytest.mark.distributed
+def test_holds_sharded_reads_the_shards_on_the_workers(single: Path, sharded: Path, local_client) -> None:
+    from pipeline.shards import holds_sharded
+
+    _first, batch = _merged_pair(single, sharded, "flag-replace")
+    changes = _last_record(sharded / "store.json")["changes"]
+    stranger = [["embryo", "19990101_A01_e01", "genotype", None, None]]
+    store = pipeline.read_store(sharded)
+    assert holds_sharded(store, [changes, stranger, []]) == [(True, False), (False, False), (True, True)]
+    assert "holds-shard" in local_client.cluster.scheduler.task_prefixes
+    assert store._loaded == {}
+    pipeline.undo(store, batch)
+    assert holds_sharded(pipeline.read_store(sharded), [changes]) == [(False, True)]
