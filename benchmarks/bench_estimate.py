@@ -21,11 +21,10 @@ sizes for every stage:
   ``embryo-pipeline OP --scheduler sync`` end to end;
 - ``workers``: the extra of ``--workers 2`` over the default, end to end.
 
-- ``overhead``: the ``--scheduler sync`` runs end to end minus ``startup``
-  and the stages: what the stage children do not see (the CLI's own work,
-  such as reading the assignment file and the report, and the interpreter's
-  exit), and the difference in machine load between the runs; it may come
-  out negative at small sizes.
+- ``overhead``: each stage child's wall time minus ``startup`` and its
+  stages (the interpreter's exit with the store in memory, the child's own
+  bookkeeping), in the same process and so under the same load; it may come
+  out negative when the child started faster than the median ``startup``.
 
 Every run is a fresh process measured with
 :func:`pipeline.estimate.measure_command` (wall time, and the peak RSS from
@@ -323,7 +322,7 @@ def main() -> None:
 def fit(sizes, repeat, started, calibrations, stage_runs, e2e, startup, meta, stores, sharded_runs=None,
         normalise=False, best=False) -> None:
     """Fit the table from the measurements and print it with the check."""
-    from pipeline.estimate import STAGES, estimate_resources
+    from pipeline.estimate import estimate_resources
 
     runner = Runner()
     runner.calibrations = calibrations
@@ -376,14 +375,15 @@ def fit(sizes, repeat, started, calibrations, stage_runs, e2e, startup, meta, st
         t3 = plane([(ns[k[0]], rows_of[k], best_stage(*k, name)[0]) for k in keys])
         m3 = plane([(ns[k[0]], rows_of[k], best_stage(*k, name)[1]) for k in keys])
         costs[name] = entry(t3[0], t3[1], m3[0], m3[1], t3[2], m3[2])
-    # What the stage children do not see: the CLI's own work (argument
-    # checks, reading the assignment file, the report) and the exit; on a
-    # shared machine also the difference in load between the runs.
+    # What the stages do not include: the child's whole wall time minus
+    # startup and its stages, in the same process and so under the same load
+    # (the interpreter's exit with the store in memory, the child's own
+    # bookkeeping). The end-to-end CLI runs below check the sum.
     t_pts = []
-    for op in ("export", "assign", "detect"):
-        for n in sizes:
-            parts = sum(best_stage(n, ROWS_PER_SNIP, op, name)[0] for name in STAGES[op])
-            t_pts.append((ns[n], best_e2e(n, op, "sync")[0] - st - parts))
+    for (n, _rps, _op), runs in stage_runs.items():
+        for r in runs:
+            parts = sum(v["seconds"] for v in r["child"]["stages"].values())
+            t_pts.append((ns[n], (r["wall"] - parts) * runner.scale(r) - st))
     tf, tp = line(t_pts)
     costs["overhead"] = entry(tf, tp, 0, 0)
     costs["overhead"]["fixed_s"] = round(tf, 4)  # may be negative: a correction to the sum of the parts

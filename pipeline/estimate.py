@@ -686,8 +686,8 @@ def estimate_resources(
     if size["layout"] == "single" and in_proc[1] > budget:
         choice = "shard-first"
         reason = (
-            f"one process would peak at {_gib(in_proc[1])} parsing this {size['store_bytes'] / GiB:.2f} GiB file, "
-            f"over the {_gib(budget)} budget; a sharded store is parsed one experiment at a time on the workers"
+            f"one process would peak at {_gib(in_proc[1])} holding the whole parsed store ({size['n_snips']:,} snips), "
+            f"over the {_gib(budget)} budget; a sharded store is parsed and merged one experiment at a time, in tasks"
         )
         command = f"embryo-pipeline shard {path} {path}.sharded   (once, on a machine with {_gib(in_proc[1])} free)"
     elif size["layout"] == "single":
@@ -789,15 +789,18 @@ COSTS: dict[str, Any] = {
                "s_per_row": 5.809e-05, "bytes_per_row": 2898.8},
     "merge_assign": {"fixed_s": 0.0, "s_per_snip": 7.752e-06, "fixed_bytes": 206884977, "bytes_per_snip": 2082.3,
                      "s_per_row": 0.0003729, "bytes_per_row": 15184.0},
-    "overhead": {"fixed_s": -1.5301, "s_per_snip": 3.357e-05, "fixed_bytes": 0, "bytes_per_snip": 0.0},
+    "overhead": {"fixed_s": 0.2664, "s_per_snip": 2.792e-06, "fixed_bytes": 0, "bytes_per_snip": 0.0},
     "cluster": {"fixed_s": 0.1974, "s_per_snip": 0.0, "fixed_bytes": 16659052, "bytes_per_snip": 130.8},
     "workers": {"fixed_s": 6.2843, "s_per_snip": 5.581e-05, "fixed_bytes": 0, "bytes_per_snip": 0.0},
-    "sharded_export": {"fixed_s": 0.3891, "s_per_snip": 4.233e-05, "fixed_bytes": 208166621, "bytes_per_snip": 27.2},
-    "sharded_assign": {"fixed_s": 0.0, "s_per_snip": 6.437e-05, "fixed_bytes": 195670736, "bytes_per_snip": 107.1},
-    "sharded_merge_assign": {"fixed_s": 0.0, "s_per_snip": 4.888e-05, "fixed_bytes": 196215767, "bytes_per_snip": 2139.2},
-    "sharded_detect": {"fixed_s": 0.8996, "s_per_snip": 6.281e-05, "fixed_bytes": 194329235, "bytes_per_snip": 1187.3},
-    "sharded_merge_detect": {"fixed_s": 0.009, "s_per_snip": 1.373e-05, "fixed_bytes": 193301066, "bytes_per_snip": 1689.8},
+    "sharded_export": {"fixed_s": 0.2971, "s_per_snip": 2.801e-05, "fixed_bytes": 208511276, "bytes_per_snip": 42.5},
+    "sharded_assign": {"fixed_s": 0.0, "s_per_snip": 6.062e-05, "fixed_bytes": 195971327, "bytes_per_snip": 102.3},
+    "sharded_merge_assign": {"fixed_s": 0.0, "s_per_snip": 4.275e-05, "fixed_bytes": 192499618,
+                             "bytes_per_snip": 2153.7},
+    "sharded_detect": {"fixed_s": 0.3207, "s_per_snip": 8.537e-05, "fixed_bytes": 195095619, "bytes_per_snip": 1189.4},
+    "sharded_merge_detect": {"fixed_s": 0.0, "s_per_snip": 1.579e-05, "fixed_bytes": 187019391,
+                             "bytes_per_snip": 1701.4},
     "file_bytes_per_snip": 425.3,
     "table_bytes_per_snip": 321.7,
-    "measured": "benchmarks/bench_estimate.py --sizes 20000 200000 --repeat 2, 2026-11-29 09:18 UTC, 2 CPUs",
+    "measured": "benchmarks/bench_estimate.py --sizes 20000 200000 --repeat 2 (sharded: --only-sharded --repeat 2), "
+    "2026-11-29 09:18-09:52 UTC, commit 639b0eb, 2 shared CPUs",
 }
