@@ -246,16 +246,17 @@ def main() -> None:
         child(*args.child)
         return
 
+    saved_path = DATA / f"last_run_{args.sizes[0]}_{args.sizes[1]}.pkl"
     if args.refit:
-        with open(DATA / "last_run.pkl", "rb") as fh:
+        with open(saved_path, "rb") as fh:
             fit(**pickle.load(fh), normalise=args.normalise, best=args.best)
         return
     sizes, repeat = args.sizes, args.repeat
     if args.only_sharded:
-        with open(DATA / "last_run.pkl", "rb") as fh:
+        with open(saved_path, "rb") as fh:
             saved = pickle.load(fh)
         saved["sharded_runs"] = measure_sharded(saved["sizes"], repeat)
-        with open(DATA / "last_run.pkl", "wb") as fh:
+        with open(saved_path, "wb") as fh:
             pickle.dump(saved, fh)
         fit(**saved, normalise=args.normalise, best=args.best)
         return
@@ -298,12 +299,16 @@ def main() -> None:
                           + ", ".join(f"{k} {v['seconds']:.2f} s / {v['peak'] / MiB:.0f} MiB" for k, v in res["child"]["stages"].items()),
                           flush=True)
                 for op in ("export", "assign", "detect"):
-                    for mode, extra in (("sync", ["--scheduler", "sync"]), ("default", []), ("workers-2", ["--workers", "2"])):
+                    modes = [("sync", ["--scheduler", "sync"]), ("default", []), ("workers-2", ["--workers", "2"])]
+                    if op == "export":
+                        modes.append(("dashboard", None))  # the default with its dashboard
+                    for mode, extra in modes:
                         copy = scratch_copy(path, scratch)
                         argv = {"assign": ["assign", str(copy), str(rows[ROWS_PER_SNIP]), "--author", "bench"],
                                 "detect": ["detect", str(copy)],
                                 "export": ["export", str(copy), str(scratch / "export")]}[op]
-                        res = runner.measure("cli", [py, "-m", "pipeline", *argv, "--quiet", "--dashboard-address", "none", *extra],
+                        options = ["--dashboard-address", "none", *extra] if extra is not None else []
+                        res = runner.measure("cli", [py, "-m", "pipeline", *argv, "--quiet", *options],
                                              n=n, op=op, mode=mode)
                         if res["returncode"] not in (0, 1):
                             msg = f"embryo-pipeline {op} ({mode}) failed (exit {res['returncode']})"
@@ -314,7 +319,7 @@ def main() -> None:
     saved = {"sizes": sizes, "repeat": repeat, "started": started, "calibrations": runner.calibrations,
              "stage_runs": stage_runs, "e2e": e2e, "startup": startup, "meta": meta, "stores": stores,
              "sharded_runs": measure_sharded(sizes, repeat)}
-    with open(DATA / "last_run.pkl", "wb") as fh:
+    with open(saved_path, "wb") as fh:
         pickle.dump(saved, fh)
     fit(**saved, normalise=args.normalise, best=args.best)
 
@@ -398,6 +403,12 @@ def fit(sizes, repeat, started, calibrations, stage_runs, e2e, startup, meta, st
         tf, tp = line(t_pts)
         mf, mp = line(m_pts)
         costs[name] = entry(tf, tp, mf, mp)
+    # The dashboard of the default embedded cluster (imports bokeh and
+    # starts a server): a fixed cost, from the export runs.
+    if all((n, "export", "dashboard") in e2e for n in sizes):
+        d_t = [best_e2e(n, "export", "dashboard")[0] - best_e2e(n, "export", "default")[0] for n in sizes]
+        d_m = [best_e2e(n, "export", "dashboard")[1] - best_e2e(n, "export", "default")[1] for n in sizes]
+        costs["dashboard"] = entry(statistics.fmean(d_t), 0.0, statistics.fmean(d_m), 0.0)
     # Sharded stores: the work stage (the shards parsed, flattened and
     # computed, one task per shard) and the merge (shard by shard), in one
     # process with the sync scheduler.
@@ -425,12 +436,12 @@ def fit(sizes, repeat, started, calibrations, stage_runs, e2e, startup, meta, st
     print("\ncheck: end-to-end runs (normalised to the median calibration) against the fitted table")
     print("| op | mode | snips | measured s | predicted s | ratio | measured MiB | predicted MiB | ratio |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    workers_of = {"sync": 0, "default": 0, "workers-2": 2}
+    workers_of = {"sync": 0, "default": 0, "workers-2": 2, "dashboard": 0}
     for (n, op, mode), _runs in sorted(e2e.items()):
         t, m = best_e2e(n, op, mode)
         est = estimate_resources(stores[n][0], op, workers=workers_of[mode], n_snips=ns[n],
                                  n_rows=round(ns[n] * ROWS_PER_SNIP), costs=costs,
-                                 scheduler="sync" if mode == "sync" else None)
+                                 scheduler="sync" if mode == "sync" else None, dashboard=mode == "dashboard")
         print(f"| {op} | {mode} | {ns[n]:,} | {t:.2f} | {est.seconds:.2f} | {t / est.seconds:.2f} "
               f"| {m / MiB:.0f} | {est.peak_bytes / MiB:.0f} | {m / est.peak_bytes:.2f} |")
     sharded_e2e = sorted(k for k in (sharded_runs or {}) if len(k) == 3)
@@ -442,7 +453,7 @@ def fit(sizes, repeat, started, calibrations, stage_runs, e2e, startup, meta, st
         runs = sharded_runs[(n, op, mode)]
         t, m = pick(r["wall"] for r in runs), statistics.median(r["peak"] for r in runs)
         est = estimate_resources(DATA / f"sharded_{n}", op, workers=workers_of[mode], n_snips=ns[n],
-                                 n_rows=round(ns[n] * ROWS_PER_SNIP), costs=costs)
+                                 n_rows=round(ns[n] * ROWS_PER_SNIP), costs=costs, dashboard=False)
         print(f"| {op} | {mode} | {ns[n]:,} | {t:.2f} | {est.seconds:.2f} | {t / est.seconds:.2f} "
               f"| {m / MiB:.0f} | {est.peak_bytes / MiB:.0f} | {m / est.peak_bytes:.2f} |")
     print(f"\ncalibrations: min {min(runner.calibrations) * 1e3:.0f} ms, median {statistics.median(runner.calibrations) * 1e3:.0f} ms, "

@@ -494,7 +494,7 @@ class ResourceEstimate:
 
 def _predict(
     size: dict[str, Any], operation: str, workers: int, scheduler: str, rows: int, costs: dict[str, Any],
-    speed: float, cpus: int,
+    speed: float, cpus: int, dashboard: bool = True,
 ) -> tuple[float, int, int | None, list[tuple[str, float, int]]]:
     """(seconds, client peak, worker peak, stages) of one way of running *operation*."""
     n = float(size["n_snips"])
@@ -504,6 +504,8 @@ def _predict(
     stages.append(("startup", start["seconds"], base))
     if scheduler == "local":
         stages.append(("cluster", *_stage(costs, "cluster", n, 0)))
+        if dashboard and "dashboard" in costs:
+            stages.append(("dashboard", *_stage(costs, "dashboard", n, 0)))
     if workers:
         # Starting the worker processes, and for a single file scattering the
         # snip table to them (a sharded store's workers read their own shards).
@@ -548,8 +550,9 @@ def _predict(
     stages.append(("overhead", *_stage(costs, "overhead", n, 0)))
     cluster_bytes = _stage(costs, "cluster", n, 0)[1] - costs["cluster"]["fixed_bytes"] if scheduler == "local" else 0.0
     fixed_cluster = costs["cluster"]["fixed_bytes"] if scheduler == "local" else 0.0
-    work_peaks = [p for name, _, p in stages if name not in ("cluster", "workers", "overhead")]
-    client = max(work_peaks) + fixed_cluster + cluster_bytes
+    work_peaks = [p for name, _, p in stages if name not in ("cluster", "dashboard", "workers", "overhead")]
+    board = costs["dashboard"]["fixed_bytes"] if scheduler == "local" and dashboard and "dashboard" in costs else 0.0
+    client = max(work_peaks) + fixed_cluster + cluster_bytes + board
     total_s = sum(s for _, s, _ in stages) * speed
     out = [(name, s * speed, int(p)) for name, s, p in stages]
     return total_s, int(client), (int(worker_peak) if worker_peak is not None else None), out
@@ -567,6 +570,7 @@ def estimate_resources(
     memory_total: int | None = None,
     cpu_count: int | None = None,
     speed: float | str = 1.0,
+    dashboard: bool = True,
     costs: dict[str, Any] | None = None,
 ) -> ResourceEstimate:
     """Predict the time and peak memory of ``assign``, ``detect`` or ``export``.
@@ -603,6 +607,9 @@ def estimate_resources(
         as slow as the benchmark machine was). ``"measure"`` runs
         :func:`calibrate` now (about 0.5 s) and uses its ratio to the
         calibration recorded in the table.
+    dashboard : bool, default True
+        The embedded cluster starts its dashboard (the CLI's default; False
+        for ``--dashboard-address none``).
     costs : dict, optional
         A cost table shaped like :data:`COSTS` (the benchmark passes the one it
         has just fitted).
@@ -675,7 +682,7 @@ def estimate_resources(
     budget = int(memory_budget or min(PROCESS_BUDGET, total_mem // 2))
 
     def run(w: int, sched: str) -> tuple[float, int, int | None, list[tuple[str, float, int]]]:
-        return _predict(size, operation, w, sched, rows, costs, speed, cpus)
+        return _predict(size, operation, w, sched, rows, costs, speed, cpus, dashboard)
 
     in_proc = run(0, scheduler)
     warnings: list[str] = []
@@ -747,8 +754,9 @@ def estimate_resources(
     }[choice] + reason
     assumptions = (
         f"costs from {costs.get('measured', 'the given table')}; times scaled by speed={speed:.2f}",
-        "the CLI as is: " + ("embedded in-process LocalCluster" if sched_used == "local" else "--scheduler sync")
-        + (f" with {w_used} worker processes" if w_used else ""),
+        "the CLI as is: " + ("embedded LocalCluster" if sched_used == "local" else "--scheduler sync")
+        + (f" with {w_used} worker processes" if w_used else (", in-process" if sched_used == "local" else ""))
+        + (", with its dashboard" if sched_used == "local" and dashboard else ""),
         f"a {size['layout']} store; snips {size['source']}"
         + (f" ({size['store_bytes'] / max(size['n_snips'], 1):.0f} bytes per snip on disk)" if size["n_snips"] else ""),
         *( [f"{rows:,} assignment rows (default: one per 50 snips)" if n_rows is None else f"{rows:,} assignment rows"]
@@ -799,6 +807,9 @@ COSTS: dict[str, Any] = {
     "sharded_detect": {"fixed_s": 0.3207, "s_per_snip": 8.537e-05, "fixed_bytes": 195095619, "bytes_per_snip": 1189.4},
     "sharded_merge_detect": {"fixed_s": 0.0, "s_per_snip": 1.579e-05, "fixed_bytes": 187019391,
                              "bytes_per_snip": 1701.4},
+    # Measured by hand (export of the 20k store, default against
+    # --dashboard-address none, 2 runs each); bench_estimate.py now measures it.
+    "dashboard": {"fixed_s": 1.8, "s_per_snip": 0.0, "fixed_bytes": 19 * MiB, "bytes_per_snip": 0.0},
     "file_bytes_per_snip": 425.3,
     "table_bytes_per_snip": 321.7,
     "measured": "benchmarks/bench_estimate.py --sizes 20000 200000 --repeat 2 (sharded: --only-sharded --repeat 2), "

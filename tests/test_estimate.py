@@ -50,7 +50,10 @@ def test_single_file_prediction_and_recommendation(small):
     assert est.peak_bytes == est.client_peak_bytes
     assert est.seconds == pytest.approx(sum(s for _, s, _ in est.stages))
     assert est.client_peak_bytes >= max(p for _, _, p in est.stages if p)
-    assert [s[0] for s in est.stages][:2] == ["startup", "cluster"]
+    assert [s[0] for s in est.stages][:3] == ["startup", "cluster", "dashboard"]
+    quiet = pipeline.estimate_resources(path, "export", dashboard=False)
+    assert "dashboard" not in {s[0] for s in quiet.stages}
+    assert quiet.seconds < est.seconds
     assert {"load", "export", "overhead"} <= {s[0] for s in est.stages}
     assert est.n_rows is None
     assert est.warnings == ()
@@ -233,7 +236,7 @@ def test_prediction_within_2x_of_a_real_export(tmp_path):
     after = calibrate(7)
     assert run["returncode"] == 0
     speed = (before + after) / 2 / COSTS["calibration"]
-    est = pipeline.estimate_resources(path, "export", workers=0, speed=speed)
+    est = pipeline.estimate_resources(path, "export", workers=0, speed=speed, dashboard=False)
     assert est.choice == "in-process"
     assert est.n_snips_source == "sampled"
     time_ratio = run["wall"] / est.seconds
