@@ -502,15 +502,17 @@ def _predict(
     start = costs["startup"]
     base = float(start["peak_bytes"])
     stages.append(("startup", start["seconds"], base))
+    # Costs that add to other stages' memory rather than peak on their own
+    # are listed with a peak of 0 and added to the client's peak below.
     if scheduler == "local":
-        stages.append(("cluster", *_stage(costs, "cluster", n, 0)))
+        stages.append(("cluster", _stage(costs, "cluster", n, 0)[0], 0.0))
         if dashboard and "dashboard" in costs:
-            stages.append(("dashboard", *_stage(costs, "dashboard", n, 0)))
+            stages.append(("dashboard", _stage(costs, "dashboard", n, 0)[0], 0.0))
     if workers:
         # Starting the worker processes, and for a single file scattering the
         # snip table to them (a sharded store's workers read their own shards).
         scattered = n if size["layout"] == "single" else 0.0
-        stages.append(("workers", *_stage(costs, "workers", scattered, 0)))
+        stages.append(("workers", _stage(costs, "workers", scattered, 0)[0], 0.0))
     parallel = 1.0 + (min(workers, cpus) - 1) * PARALLEL_EFFICIENCY if workers else 1.0
     table = float(costs["table_bytes_per_snip"])
     worker_peak: float | None = None
@@ -547,12 +549,13 @@ def _predict(
             # process, an upper bound (the workers hold the shards instead).
             at_once = math.ceil(cpus / workers)
             worker_peak = base + min(at_once, shards) * costs["load"]["bytes_per_snip"] * largest
-    stages.append(("overhead", *_stage(costs, "overhead", n, 0)))
-    cluster_bytes = _stage(costs, "cluster", n, 0)[1] - costs["cluster"]["fixed_bytes"] if scheduler == "local" else 0.0
-    fixed_cluster = costs["cluster"]["fixed_bytes"] if scheduler == "local" else 0.0
-    work_peaks = [p for name, _, p in stages if name not in ("cluster", "dashboard", "workers", "overhead")]
-    board = costs["dashboard"]["fixed_bytes"] if scheduler == "local" and dashboard and "dashboard" in costs else 0.0
-    client = max(work_peaks) + fixed_cluster + cluster_bytes + board
+    stages.append(("overhead", _stage(costs, "overhead", n, 0)[0], 0.0))
+    added = 0.0
+    if scheduler == "local":
+        added += _stage(costs, "cluster", n, 0)[1]
+        if dashboard and "dashboard" in costs:
+            added += _stage(costs, "dashboard", n, 0)[1]
+    client = max(p for _, _, p in stages) + added
     total_s = sum(s for _, s, _ in stages) * speed
     out = [(name, s * speed, int(p)) for name, s, p in stages]
     return total_s, int(client), (int(worker_peak) if worker_peak is not None else None), out
@@ -636,14 +639,26 @@ def estimate_resources(
     what the embedded cluster adds. The recommendation:
 
     - **shard first** when the store is a single file and one process would
-      need more than *memory_budget* to parse it (the parse holds the file's
-      bytes and the whole document, about 6x the file);
+      need more than *memory_budget* (it holds the whole parsed store, about
+      2.3 KB per snip, 5.4x the file);
     - **in-process** for any other single-file store: reading and merging
       run in the client whatever the scheduler, and worker processes only add
-      the copy of the table (``benchmarks/RESULTS.md``, issue 7); also for a
-      sharded store predicted to take under a minute, where start-up dominates;
-    - **local cluster of N workers** for bigger sharded stores: N = the cores,
-      fewer if N workers would not fit in memory beside the client.
+      their start-up and a copy of the table (``benchmarks/RESULTS.md``,
+      issues 7 and 10); also for a sharded store predicted to take under a
+      minute, where start-up dominates, and on one core;
+    - **local cluster of N workers** for bigger sharded stores when that is
+      predicted faster: N = the most workers, up to the cores, that each stay
+      within *memory_budget* and together fit in 80% of memory.
+
+    ``warnings`` name what the recommendation does not solve: a client over
+    the budget (for a sharded ``assign``/``detect``, the merge's per-snip
+    memory: split the batch by experiment), a worker over it (the largest
+    shard), or all processes together over the machine's memory.
+
+    Accuracy, checked against real runs at 20k and 200k snips and in
+    ``tests/test_estimate.py``: peak memory within 0.9-1.2x; time within
+    0.6-1.8x on the loaded benchmark machine (time is the noisy one: pass
+    ``speed="measure"`` on another machine or under another load).
 
     Examples
     --------
