@@ -247,8 +247,7 @@ def run_child(size: str, n_workers: int, n_rows: int, memory_limit: str, out: Pa
     timers.wrap(pipeline.shards, "journaled_write", "client: journaled write of files")
     timers.wrap(pipeline.changelog, "append_record", "client: change log")
     timers.wrap(pipeline.shards, "apply_sharded", "client: apply_sharded in all")
-    timers.wrap(pipeline.shards, "_run_on_cluster", "workers: load, apply, check, stage shards")
-    timers.wrap(pipeline.shards, "_run_local", "client: load, apply, check, stage shards")
+    timers.wrap(pipeline.shards, "_run_tasks", "per-shard tasks: load, apply, check, stage (on the workers)")
     merge_path, merge_batch = _merge_function()
 
     sampler = Sampler()
