@@ -889,7 +889,6 @@ def _merge_shard(
 
     path = Path(root) / rel
     embryos = _load_shard(path, experiment, top, vocab)
-    before = _digest(orjson.dumps({"embryos": embryos}, option=_DUMP))
     one = _shard_store(embryos, top)
     logs: list[list[list[Any]]] = []
     undo_ops: list[Any] = []
@@ -901,6 +900,10 @@ def _merge_shard(
         if kind == "flag":
             # Flag entries are checked as they are built (as merge does).
             _restamp(log, stamp)
+        elif kind == "phenotype" and log:
+            # As merge does: the written entries and the DEAD rules of the
+            # touched embryos, not a rebuild of their tables.
+            merge._check_phenotype_batch(one, part, merge._touched_embryos(log))
         else:
             touched.update(merge._touched_embryos(log))
         logs.append(log)
@@ -909,7 +912,9 @@ def _merge_shard(
         if touched:
             one.check_embryos(touched)
         data = orjson.dumps({"embryos": embryos}, option=_DUMP)
-        if _digest(data) != before:
+        # Entries that put back what was there leave the file as it was:
+        # compare with the bytes on disk rather than serialising twice.
+        if _digest(data) != _digest(path.read_bytes()):
             target = _staged(path, token)
             atomic_write_bytes(target, data, backups=0)
             staged = str(target)
