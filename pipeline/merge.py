@@ -1222,28 +1222,43 @@ def _flag_owner(store: Store, level: str, entity: str) -> tuple[dict[str, Any], 
 def _apply_flags(store: Store, writes: pd.DataFrame, replace: list[str], log: list[list[Any]], undo_ops: list[Callable[[], None]]) -> None:
     vocab = store.vocabulary
     severities = set(vocab["severity_levels"])
-    by_entity: dict[tuple[str, str], list[dict[str, Any]]] = {}
     stamp = now()
-    for r in writes.itertuples(index=False):
-        # One entry per hit: flags are sparse next to snips.
-        if r.flag not in vocab["flags"].get(r.level, []):
-            msg = f"detector {r.detector} raised {r.flag!r}, which is not permitted at level {r.level!r}; permitted: {', '.join(vocab['flags'].get(r.level, []))}"
-            raise MergeConflictError(msg)
-        if r.severity not in severities:
-            msg = f"detector {r.detector} used severity {r.severity!r}; expected one of {', '.join(sorted(severities))}"
-            raise MergeConflictError(msg)
-        if not isinstance(r.author, str) or not r.author.strip():
-            msg = f"detector {r.detector} gave no author for {r.entity_id}; flags need an author such as 'auto:{r.detector}'"
-            raise MergeConflictError(msg)
-        entry: dict[str, Any] = {"value": r.flag, "author": r.author, "timestamp": stamp, "severity": r.severity, "auto_generated": True}
-        if pd.notna(r.notes):
-            entry["notes"] = r.notes
-        if pd.notna(r.confidence):
-            if not 0 <= r.confidence <= 1:
-                msg = f"detector {r.detector} gave confidence {r.confidence} for {r.entity_id}; confidence must be within [0, 1]"
-                raise MergeConflictError(msg)
-            entry["confidence"] = float(r.confidence)
-        by_entity.setdefault((r.level, r.entity_id), []).append(entry)
+    # Check every row at once (columns, not rows), then build one entry per
+    # hit from plain arrays: flags are sparse next to snips.
+    cols = {c: writes[c].to_numpy(dtype=object, na_value=None) for c in ("entity_id", "level", "flag", "severity", "notes", "author", "detector")}
+    conf = writes["confidence"].to_numpy(dtype=np.float64, na_value=np.nan)
+    permitted = {(lv, f) for lv, fs in vocab["flags"].items() for f in fs}
+    bad_flag = np.fromiter(((lv, f) not in permitted for lv, f in zip(cols["level"], cols["flag"], strict=True)), dtype=bool, count=len(conf))
+    if bad_flag.any():
+        i = int(np.flatnonzero(bad_flag)[0])
+        level, flag = cols["level"][i], cols["flag"][i]
+        msg = f"detector {cols['detector'][i]} raised {flag!r}, which is not permitted at level {level!r}; permitted: {', '.join(vocab['flags'].get(level, []))}"
+        raise MergeConflictError(msg)
+    bad_severity = ~writes["severity"].isin(severities).to_numpy(dtype=bool, na_value=False)
+    if bad_severity.any():
+        i = int(np.flatnonzero(bad_severity)[0])
+        msg = f"detector {cols['detector'][i]} used severity {cols['severity'][i]!r}; expected one of {', '.join(sorted(severities))}"
+        raise MergeConflictError(msg)
+    blank = writes["author"].fillna("").astype(str).str.strip().str.len().to_numpy() == 0
+    if blank.any():
+        i = int(np.flatnonzero(blank)[0])
+        msg = f"detector {cols['detector'][i]} gave no author for {cols['entity_id'][i]}; flags need an author such as 'auto:{cols['detector'][i]}'"
+        raise MergeConflictError(msg)
+    has_conf = ~np.isnan(conf)
+    out_of_range = has_conf & ((conf < 0) | (conf > 1))
+    if out_of_range.any():
+        i = int(np.flatnonzero(out_of_range)[0])
+        msg = f"detector {cols['detector'][i]} gave confidence {conf[i]} for {cols['entity_id'][i]}; confidence must be within [0, 1]"
+        raise MergeConflictError(msg)
+    by_entity: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    rows = zip(cols["entity_id"], cols["level"], cols["flag"], cols["severity"], cols["author"], cols["notes"], conf.tolist(), has_conf.tolist(), strict=True)
+    for entity, level, flag, severity, author, notes, confidence, known in rows:
+        entry: dict[str, Any] = {"value": flag, "author": author, "timestamp": stamp, "severity": severity, "auto_generated": True}
+        if notes is not None:
+            entry["notes"] = notes
+        if known:
+            entry["confidence"] = confidence
+        by_entity.setdefault((level, entity), []).append(entry)
     targets: dict[tuple[str, str], None] = dict.fromkeys(by_entity)
     if replace:
         for (level, entity) in _entities_with_flags_by(store, set(replace)):
