@@ -532,13 +532,19 @@ def read_sharded(
                         f"expected 'experiments/{exp}.json', found {rel!r}",
                     )
                 )
+    if not problems:
+        # The store-level parts beyond their shape (flag vocabulary, authors,
+        # timestamps), once here rather than with every shard (see _top).
+        store = ShardedStore(root, index)
+        top = {k: v for k, v in index.items() if k != "shards"}
+        problems = list(build_tables({**top, "embryos": {}}, store.vocabulary).problems)
     if problems:
         raise StoreFormatError(
             _format_problems(problems, str(root / INDEX)),
             problems=problems,
             path=str(root / INDEX),
         )
-    return ShardedStore(root, index)
+    return store
 
 
 def shard_store(
@@ -740,7 +746,16 @@ def _extending_pair(experiments: list[str]) -> tuple[str, str] | None:
 
 
 def _top(store: ShardedStore) -> dict[str, Any]:
-    return {k: v for k, v in store.index.items() if k not in ("shards",)}
+    """The index's top-level parts, as each shard is checked against them.
+
+    The store-level flags (experiments, videos, images) are left out (kept as
+    empty levels): :func:`read_sharded` checks them once, and walking a
+    cohort's worth of them again for every shard cost 50+ ms per shard.
+    """
+    top = {k: v for k, v in store.index.items() if k != "shards"}
+    if isinstance(top.get("flags"), dict):
+        top["flags"] = {level: {} for level in top["flags"]}
+    return top
 
 
 def _shard_videos(path: str) -> list[str]:

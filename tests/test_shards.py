@@ -941,3 +941,27 @@ def test_holds_sharded_reads_the_shards_on_the_workers(single: Path, sharded: Pa
     assert store._loaded == {}
     pipeline.undo(store, batch)
     assert holds_sharded(pipeline.read_store(sharded), [changes]) == [(False, True)]
+
+
+def test_store_level_flags_are_checked_once_when_the_index_is_read(tmp_path):
+    # Shards are checked without the store-level flags (they would be walked
+    # again for every shard); read_store checks them, with their JSON path.
+    store = pipeline.testing.make_store(n_experiments=2, n_embryos=2, n_frames=3, seed=0)
+    store.save(tmp_path / "s.json", backups=0)
+    pipeline.shards.shard_store(tmp_path / "s.json", tmp_path / "sh")
+    index_path = tmp_path / "sh" / "store.json"
+    index = orjson.loads(index_path.read_bytes())
+    video = pipeline.read_store(tmp_path / "sh").video_ids()[0]
+    bad = {"value": "NOT_A_FLAG", "author": "someone", "timestamp": "2026-01-05T10:00:00+00:00", "severity": "warning"}
+    index["flags"]["video"][video] = [bad]
+    index_path.write_bytes(orjson.dumps(index))
+    with pytest.raises(pipeline.errors.StoreFormatError) as err:
+        pipeline.read_store(tmp_path / "sh")
+    assert any(path.startswith("$.flags.video") and "NOT_A_FLAG" in message for path, message in err.value.problems)
+    # What each shard is checked against carries the levels but not the entries.
+    index["flags"]["video"][video] = [dict(bad, value="NO_EMBRYO")]
+    index_path.write_bytes(orjson.dumps(index))
+    good = pipeline.read_store(tmp_path / "sh")
+    assert good.index["flags"]["video"][video][0]["value"] == "NO_EMBRYO"
+    assert pipeline.shards._top(good)["flags"] == {level: {} for level in good.index["flags"]}
+    assert pipeline.snips_from_store(good).compute(scheduler="sync").shape[0] == store.counts()["snips"]
