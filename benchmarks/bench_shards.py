@@ -507,35 +507,32 @@ def render_checks(results: list[dict[str, Any]]) -> str:
 
 #: The hand-written part of the section: what the figures mean at scale.
 NOTE = """
-**Result: the 5M case breaks the 6 GiB-per-process limit in one place: the
-client process during `merge` (8.87 GiB with 1 worker, 8.99 GiB with 2).** Everything else holds:
-workers at most 2.57 GiB, all processes together at most 11.65 GiB (24 GiB
-machine), no worker restarted, and every one-experiment batch rewrote only its
-own shard file. Total run 870 s (14.5 min) at load 3-5. Generating the stores
-the first time takes about 8 more minutes.
+**Result: the 5M case now runs with no process above 6 GiB** (client at most
+1.46 GiB, workers at most 2.79 GiB, all processes together at most 4.6 GiB of
+the 24 GiB machine), no worker restarted, and every one-experiment batch
+rewrote only its own shard file. In the first session's run the client peaked
+at 8.9 GiB during a cohort-wide merge, because the merge loaded every touched
+shard into the client; it now runs shard by shard:
+`pipeline.shards.apply_sharded` gives each touched shard its slice of the
+change set in one task (on the workers when a distributed client is active,
+else in the client one shard at a time). The task loads the shard from disk
+(under the lock the client holds, so its stale-value checks see the shard as
+it is on disk), applies the slice with the functions of `pipeline.merge`,
+checks what it changed, writes `<shard>.<token>.new` durably and returns its
+change-log entries. The client applies flags on experiments, videos and images
+to `store.json` itself, writes the change-log record (the same record, entries
+in the same order, as the single-file merge), renames the staged files to
+`<shard>.new`, writes the journal (the commit point) and finishes as
+`journaled_write` does. If any task fails, every staged file is removed and no
+file changes. `undo`, `merge_many` (spreadsheet import) and the checkpoint
+resume check go through the same per-shard tasks. Also changed:
+`sharded_snips` checks the prefix rule in linear time, and `detect` lists the
+videos with `store.video_ids()`, read shard by shard on the workers.
 
-**Changed since this run (not measured at 1M or 5M yet; rerun this script).**
-The merge no longer loads shards in the client. `pipeline.shards.apply_sharded`
-gives each touched shard its slice of the change set in one task: on the
-workers when a distributed client is active, else in the client one shard at
-a time. The task loads the shard from disk (under the lock the client holds,
-so its stale-value checks see the shard as it is on disk), applies the slice
-with the functions of `pipeline.merge`, checks the touched embryos, writes
-`<shard>.<token>.new` durably and returns its change-log entries. The client
-applies flags on experiments, videos and images to `store.json` itself, writes
-the change-log record (the same record, entries in the same order, as the
-in-client merge), renames the staged files to `<shard>.new`, writes the
-journal (the commit point) and finishes as `journaled_write` does. If any
-task fails, every staged file is removed and no file changes. Client memory
-during the merge should be the change set plus the log entries. The `merge`
-rows above are from the old in-client merge. A new run's `merge` row names
-the path it took: `merge_into_store -> apply_sharded` once `pipeline.merge`
-dispatches sharded stores to it, else `apply_sharded` called by this script.
-A smoke run on a 62-experiment store (`--sizes tiny --workers 1 --rows 2000`)
-loaded no shard in the client and rewrote all 62. Also changed:
-`sharded_snips` checks the prefix rule in linear time, and `detect` lists
-the videos with `store.video_ids()`, read shard by shard on the workers,
-instead of taking them from the generator's manifest.
+Found after this run and fixed (not in the figures): every shard check also
+walked the store-level flag table of `store.json` again (about 50 ms per shard
+for this cohort, so 5-6 s per flatten or merge pass at 104-120 shards); those
+flags are now checked once, when the index is read.
 
 Where the time goes:
 
@@ -546,15 +543,17 @@ Where the time goes:
   workers give 1.4-1.8x at 5M and nothing at 1M. The machine has 2 shared
   cores and other jobs were running. The client's part of assign (checking
   and routing 20,000 rows) takes 0.4-1.1 s and does not depend on the cohort.
-- **merge** runs in the client alone, so the number of workers makes no
-  difference. The 5M/w1 run (184 s) and the 1M/w2 run (47 s) were slowed by
-  load. A 20,000-row batch on embryos drawn from the whole cohort touches
-  every experiment, so the merge loads, checks and rewrites every shard.
-  Loading (parse and check) takes 12 s at 1M and 50-110 s at 5M. That is more
-  than 5x the 1M time; probably the garbage collector walking the growing heap
-  of parsed shards (not verified). Re-checking the touched embryos takes 3-14
-  s, and serialising and writing 2 GB of shards takes 5-43 s. Memory is about
-  1.8 GiB per million snips loaded. That is the 8.9 GiB at 5M.
+- **merge** runs in per-shard tasks, so it now scales with workers: 51.0 s
+  on 1 worker and 29.2 s on 2 at 1M, 157.5 s and 94.6 s at 5M. A 20,000-row
+  batch on embryos drawn from the whole cohort touches every experiment, so
+  every shard is loaded (parse and check), changed, checked and rewritten;
+  almost all of the time is in those tasks, the client's part (change log,
+  journal, renames) is about 1 s. On one worker it is slower than the first
+  session's in-client merge at 1M (24.6 s): each task pays the fixed cost of
+  a shard check (50 ms of it the store-level flags, fixed since) plus pickling
+  its slice, and the merge can no longer reuse shards the client had loaded.
+  Client memory is the change set and the log entries: 0.8 GiB at 1M, 1.5 GiB
+  at 5M, against 2.2 and 8.9 GiB before.
 - Fixed while benchmarking: loading a shard in the client ran the JSON Schema
   checker over every snip, which was 95% of the load time. It now uses the
   columnar checks that the single-file reader and the workers use. The 1M
@@ -563,10 +562,10 @@ Where the time goes:
   step runs on that shard's partition only (`snips.partitions[i]`). The merge
   loads and rewrites that shard only; mtimes confirm that no other shard file
   changes. Experiment 0 is the same 9,788-snip shard in both stores. Its
-  merge takes 0.32 s in the 1M store and 0.33 s in the 5M store (2 workers,
-  low load). The 1.1 s at 5M with 1 worker was at load 5. So the cost follows
-  the shard's size, not the cohort's. The 41,849-snip shard of the 5M store
-  took 1.0-1.9 s.
+  merge takes 0.50 s in the 1M store and 0.53 s in the 5M store (2 workers;
+  0.51 s and 1.15 s on 1 worker, the latter while that worker still held the
+  5M table). So the cost follows the shard's size, not the cohort's. The
+  41,849-snip shard of the 5M store took 1.6 s.
 
 Extrapolation to 100M snips on 64 nodes (e.g. 512 worker processes):
 
@@ -584,19 +583,19 @@ Extrapolation to 100M snips on 64 nodes (e.g. 512 worker processes):
      with rows x frames per embryo (267k rows at 1M, 535k at 5M). Detect
      output grows with the cohort: about 5% of snips, 254k at 5M, so about
      5M rows (1-2 GB) at 100M.
-  3. `merge_into_store` loads every touched shard in the client. A batch
-     that spans the cohort would need about 180 GiB and an hour in one
-     process at 100M. This is the hard limit, and it is already reached at 5M
-     with a 6 GiB budget. **Changed since:** the merge now runs per shard on
-     the workers (`apply_sharded`, above). Client memory becomes the change
-     set and its log entries.
+  3. The merge used to load every touched shard in the client (about 180
+     GiB and an hour in one process for a cohort-wide batch at 100M). It now
+     runs per shard on the workers (`apply_sharded`, above): client memory is
+     the change set and its log entries (1.5 GiB at 5M for 462k values, so
+     the number of values a batch writes, not the cohort, sets it), and the
+     per-shard work spreads over the workers like flatten does.
   4. Two more client-side costs that grow with the cohort. (a) `sharded_snips`
      checks every pair of experiment ids for the prefix rule. That is
      O(experiments^2): 6M comparisons at 2,500 experiments, 10^10 at 100k.
-     **Changed since:** each id's `_`-prefixes are looked up in a set.
+     **Now** each id's `_`-prefixes are looked up in a set.
      (b) `NoEmbryo.with_store(store)` lists the videos by iterating
      `store.embryos`, which loads every shard in the client (about 9 GiB at
-     5M). **Changed since:** `store.video_ids()` reads the videos shard by
+     5M). **Now** `store.video_ids()` reads the videos shard by
      shard on the workers (in the client, one shard at a time, without a
      cluster); this benchmark uses it.
 - **Where the scheduler becomes the limit.** Tasks grow as experiments x
