@@ -865,18 +865,29 @@ def merge_many(
         log: list[list[Any]] = []
         undo_ops: list[Callable[[], None]] = []
         try:
+            dead_rules: set[str] = set()
+            rebuilt: set[str] = set()
             for k, w in zip(kinds, writes, strict=True):
                 if not len(w):
                     continue
+                start = len(log)
                 if k == "phenotype":
                     _apply_phenotypes(store, w, log, undo_ops, force)
                 else:
                     _apply_genotypes(store, w, log, undo_ops, force)
+                (dead_rules if k == "phenotype" else rebuilt).update(_touched_embryos(log[start:]))
             if not log:
                 store.invalidate()
                 return report
             store.invalidate()
-            store.check_embryos(_touched_embryos(log))
+            # Phenotype sets: their entries and the DEAD rules of their embryos
+            # (as merge_into_store); genotype changes: the full embryo check.
+            for k, w in zip(kinds, writes, strict=True):
+                if k == "phenotype" and len(w):
+                    _check_phenotype_batch(store, w, dead_rules)
+                    dead_rules = set()
+            if rebuilt:
+                store.check_embryos(rebuilt)
             first = next(w for w in writes if len(w))
             report.batch_id = _commit(store, label, first, log, inputs)
             report.batch_ids = [report.batch_id]
