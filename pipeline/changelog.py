@@ -44,6 +44,8 @@ __all__ = [
     "new_batch_id",
     "committed_batches",
     "mark_saved",
+    "batch_record",
+    "mark_aborted",
     "in_effect",
     "run_checkpoints",
     "ABSENT_KEY",
@@ -120,6 +122,51 @@ def committed_batches(store_path: str | os.PathLike[str]) -> list[dict[str, Any]
     records = list(iter_records(store_path))
     aborted = {r["batch_id"] for r in records if r.get("kind") == "aborted"}
     return [r for r in records if r.get("kind") not in ("aborted", SAVED) and r["batch_id"] not in aborted]
+
+
+def batch_record(
+    batch_id: str,
+    kind: str,
+    author: str,
+    store_path: str | os.PathLike[str],
+    inputs: dict[str, Any] | None,
+    changes: list[list[Any]],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The change-log record of one batch (the one shape every writer uses).
+
+    Parameters
+    ----------
+    batch_id, kind, author : str
+        The batch's id, kind (``phenotype``, ``flag``, ``undo``, ...) and author.
+    store_path : path-like
+        The store the batch changes.
+    inputs : dict or None
+        What produced the batch.
+    changes : list
+        ``[target, entity, field, before, after]`` entries.
+    extra : dict, optional
+        More keys (``checkpoint``, a measurement batch's ``values_timestamp``).
+
+    Returns
+    -------
+    dict
+        Ready for :func:`append_record`.
+    """
+    from pipeline.store import now
+
+    return {
+        "batch_id": batch_id, "kind": kind, "author": author, "timestamp": now(),
+        "store": str(store_path), "inputs": inputs or {}, "changes": changes, **(extra or {}),
+    }
+
+
+def mark_aborted(store_path: str | os.PathLike[str], batch_id: str, author: str, reason: str | None = None) -> None:
+    """Record that the logged batch *batch_id* never reached the store (and why, if known)."""
+    from pipeline.store import now
+
+    record = {"batch_id": batch_id, "kind": "aborted", "author": author, "timestamp": now()}
+    append_record(store_path, record if reason is None else {**record, "reason": reason})
 
 
 def mark_saved(store_path: str | os.PathLike[str], batch_id: str) -> None:

@@ -460,10 +460,7 @@ def _record_extra(kind: str, writes: pd.DataFrame, checkpoint: dict[str, Any] | 
 
 def _record_empty(store: Store, kind: str, writes: pd.DataFrame, inputs: dict[str, Any] | None, extra: dict[str, Any]) -> None:
     author = str(writes["author"].iloc[0]) if len(writes) and "author" in writes else ""
-    record = {
-        "batch_id": changelog.new_batch_id(), "kind": kind, "author": author, "timestamp": now(),
-        "store": str(store.path), "inputs": inputs or {}, "changes": [], **extra,
-    }
+    record = changelog.batch_record(changelog.new_batch_id(), kind, author, store.path, inputs, [], extra)
     changelog.append_record(store.path, record)
 
 
@@ -640,10 +637,10 @@ def _resumable(
             elif not dry_run and has_before:
                 # Logged, never written: say so in the log, so that neither
                 # undo nor read_changelog takes it for a batch of the store.
-                changelog.append_record(store.path, {
-                    "batch_id": record["batch_id"], "kind": "aborted", "author": record.get("author", ""),
-                    "timestamp": now(), "reason": "checkpoint logged but its store write never happened (killed?)",
-                })
+                changelog.mark_aborted(
+                    store.path, record["batch_id"], record.get("author", ""),
+                    reason="checkpoint logged but its store write never happened (killed?)",
+                )
     if ignored:
         notes.append(
             f"{ignored} checkpoint(s) of run {key} were for another kind or number of partitions and were not "
@@ -931,16 +928,7 @@ def _commit(
     if store.path is None:
         return batch_id
     author = str(writes["author"].iloc[0]) if len(writes) and "author" in writes else ""
-    record = {
-        "batch_id": batch_id,
-        "kind": kind,
-        "author": author,
-        "timestamp": now(),
-        "store": str(store.path),
-        "inputs": inputs or {},
-        "changes": log,
-        **(extra or {}),
-    }
+    record = changelog.batch_record(batch_id, kind, author, store.path, inputs, log, extra)
     author = record["author"]
     changelog.append_record(store.path, record)
     try:
@@ -950,9 +938,7 @@ def _commit(
         # opened: it is not aborted (sharded batches normally go through
         # pipeline.shards, which knows this too).
         if not _completes_on_open(store):
-            changelog.append_record(
-                store.path, {"batch_id": batch_id, "kind": "aborted", "author": author, "timestamp": now()}
-            )
+            changelog.mark_aborted(store.path, batch_id, author)
         raise
     if extra and "checkpoint" in extra:
         # The batch is in the store now: a marker that cannot be written only
@@ -1390,17 +1376,15 @@ def undo(store: Store, batch_id: str, *, force: bool = False, lock_timeout: floa
             store.invalidate()
             store.check_embryos(_touched_embryos(log))
             new_id = changelog.new_batch_id()
-            changelog.append_record(store.path, {
-                "batch_id": new_id, "kind": "undo", "author": "undo", "timestamp": now(),
-                "store": str(store.path), "inputs": {"undo_of": batch_id, "force": force}, "changes": log,
-            })
+            changelog.append_record(
+                store.path,
+                changelog.batch_record(new_id, "undo", "undo", store.path, {"undo_of": batch_id, "force": force}, log),
+            )
             try:
                 store.save(_locked=True, force=True, _checked=True)
             except BaseException:
                 if not _completes_on_open(store):
-                    changelog.append_record(
-                        store.path, {"batch_id": new_id, "kind": "aborted", "author": "undo", "timestamp": now()}
-                    )
+                    changelog.mark_aborted(store.path, new_id, "undo")
                 raise
         except BaseException:
             for op in reversed(undo_ops):

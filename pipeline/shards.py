@@ -1249,16 +1249,7 @@ def _batch(
         restore_index()
         return None, []
     batch_id = changelog.new_batch_id()
-    record = {
-        "batch_id": batch_id,
-        "kind": kind,
-        "author": author,
-        "timestamp": now(),
-        "store": str(store.path),
-        "inputs": inputs or {},
-        "changes": log,
-        **(extra or {}),
-    }
+    record = changelog.batch_record(batch_id, kind, author, store.path, inputs, log, extra)
     staged = [(store.shard_path(exp), Path(results[exp]["staged"])) for exp in visit if results[exp]["staged"]]
     _commit_staged(store, record, staged, token, restore_index, backups)
     return batch_id, log
@@ -1312,9 +1303,7 @@ def _commit_staged(
             _discard(root, token, [t for t, _ in staged] + [store.path])
             file_info["last_updated"] = updated
             restore_index()
-            changelog.append_record(
-                store.path, {"batch_id": batch_id, "kind": "aborted", "author": author, "timestamp": now()}
-            )
+            changelog.mark_aborted(store.path, batch_id, author)
             raise
     _forget_shards(store)
     if "checkpoint" in record:
