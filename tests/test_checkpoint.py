@@ -35,10 +35,8 @@ STAMP = "2026-01-05T10:00:00+00:00"
 INPUTS = {"command": "test", "assignments": "rows"}
 
 
-@pytest.fixture(autouse=True)
-def _sync_scheduler():
-    with dask.config.set(scheduler="sync"):
-        yield
+# Every test computes with the synchronous scheduler (conftest.sync_scheduler).
+pytestmark = pytest.mark.usefixtures("sync_scheduler")
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 
-import dask
 import numpy as np
 import pandas as pd
 import pytest
@@ -26,10 +25,8 @@ AUTHOR = "auto:area_mm2"
 STAMP = "2026-01-05T10:00:00+00:00"
 
 
-@pytest.fixture(autouse=True)
-def _sync_scheduler():
-    with dask.config.set(scheduler="sync"):
-        yield
+# Every test computes with the synchronous scheduler (conftest.sync_scheduler).
+pytestmark = pytest.mark.usefixtures("sync_scheduler")
 
 
 @pytest.fixture
