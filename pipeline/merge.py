@@ -45,7 +45,7 @@ from pipeline.schema import (
     STRING,
     empty_frame,
 )
-from pipeline.store import Store, _format_problems, now
+from pipeline.store import Store, _format_problems, now, paused_gc
 
 __all__ = ["MergeReport", "merge_into_store", "merge_many", "undo", "kind_of", "run_key_of"]
 
@@ -409,14 +409,18 @@ def _write_batch(
         log: list[list[Any]] = []
         undo_ops: list[Callable[[], None]] = []
         try:
-            if kind == "phenotype":
-                _apply_phenotypes(store, writes, log, undo_ops, force)
-            elif kind == "genotype":
-                _apply_genotypes(store, writes, log, undo_ops, force)
-            elif kind == "measurement":
-                _apply_measurements(store, writes, log, undo_ops, force)
-            else:
-                _apply_flags(store, writes, replace, log, undo_ops)
+            # The writes build many small containers next to a document of
+            # millions: collections would walk the document over and over
+            # while nothing can be freed (as when parsing it).
+            with paused_gc():
+                if kind == "phenotype":
+                    _apply_phenotypes(store, writes, log, undo_ops, force)
+                elif kind == "genotype":
+                    _apply_genotypes(store, writes, log, undo_ops, force)
+                elif kind == "measurement":
+                    _apply_measurements(store, writes, log, undo_ops, force)
+                else:
+                    _apply_flags(store, writes, replace, log, undo_ops)
             n_written = len(log) if kind == "flag" else len(writes)
             store.invalidate()
             extra = _record_extra(kind, writes, checkpoint)
@@ -1208,7 +1212,11 @@ def _shown(value: float) -> str:
 def _flag_owner(store: Store, level: str, entity: str) -> tuple[dict[str, Any], str, bool]:
     """The dict holding the entity's flag list, its key, and whether it exists."""
     if level == "snip":
-        embryo = store.embryos[ids.parse_snip_id(entity).embryo_id]
+        # A snip id is its embryo id, "_" and a suffix without underscores
+        # (checked at load); parse fully only to explain an unknown id.
+        embryo = store.embryos.get(entity.rpartition("_")[0])
+        if embryo is None or entity not in embryo["snips"]:
+            embryo = store.embryos[ids.parse_snip_id(entity).embryo_id]
         return embryo["snips"][entity], "flags", True
     if level == "embryo":
         return store.embryos[entity], "flags", True
