@@ -181,14 +181,11 @@ def build_tables(doc: dict[str, Any], vocab: dict[str, Any]) -> Tables:
         owner = owner[keep_snip]
         keys = {k: [col[j] for j in idx] for k, col in keys.items()}
 
-    snips = _assemble(
+    snips, id_checks = _assemble(
         embryo_ids, embryo_objs, bad_embryos, owner, snip_ids, values, authors, stamps,
         confs, frames, flag_lists, measures, keys,
     )
-    problems.extend(_semantic_checks(snips, embryo_ids, embryo_objs, bad_embryos, owner, sets, flag_lists, snip_ids))
-    # The id-check arrays are spent: left in attrs they would ride along every
-    # partition (pd.concat compares attrs and fails on arrays; pyarrow warns).
-    snips.attrs = {}
+    problems.extend(_semantic_checks(snips, id_checks, embryo_ids, embryo_objs, bad_embryos, owner, sets, flag_lists, snip_ids))
     problems.extend(_store_flag_checks(doc, sets))
     return Tables(snips=snips, problems=problems, measurement_keys=list(keys))
 
@@ -414,7 +411,10 @@ def _assemble(
     flag_lists: list[list[dict[str, Any]]],
     measures: list[Any],
     keys: dict[str, list[Any]],
-) -> pd.DataFrame:
+) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    # Returns the table and, aside from it, the id-check arrays for
+    # _semantic_checks. Not in table.attrs: pandas deep-copies attrs on every
+    # column access, and they would ride along every partition.
     n_emb = len(embryo_objs)
     ok = [i not in bad for i in range(n_emb)]
     src = [e["source"] if o else {} for e, o in zip(embryo_objs, ok, strict=True)]
@@ -488,8 +488,7 @@ def _assemble(
         index=pd.Index(pd.arrays.ArrowStringArray(sid), name=SNIP_INDEX),
         copy=False,
     )
-    # Keep the id-check results aside for the semantic checks (not table columns).
-    table.attrs["_checks"] = {
+    checks = {
         "valid_id": valid.to_numpy(zero_copy_only=False),
         "has_suffix": pc.is_valid(suffix).to_numpy(zero_copy_only=False),
         "suffix_frame": suffix_frame,
@@ -497,7 +496,7 @@ def _assemble(
         "order": order,
         "nan_confidence": nan_conf,
     }
-    return table
+    return table, checks
 
 
 def _numbers(values: list[Any]) -> np.ndarray:
@@ -515,17 +514,16 @@ def _to_pandas(col: Any, dtype: Any) -> Any:
 
 def _semantic_checks(
     snips: pd.DataFrame,
+    chk: dict[str, np.ndarray],
     embryo_ids: list[str],
     embryo_objs: list[Any],
     bad: set[int],
     owner: np.ndarray,
     sets: dict[str, Any],
     flag_lists: list[list[dict[str, Any]]],
-    snip_ids: list[str],
+    sid: list[str],
 ) -> list[Problem]:
     out: list[Problem] = []
-    attrs = snips.attrs
-    sid = _LazyIds(snips.index)
 
     def snip_path(i: int, *rest: str | int) -> str:
         return json_path("embryos", embryo_ids[owner[i]], "snips", sid[i], *rest)
@@ -549,7 +547,6 @@ def _semantic_checks(
                 ),
             ))
     # Snip ids: form, prefix, frame agreement.
-    chk = attrs["_checks"]
     emb_of_snip = snips["embryo_id"]
     for i in np.flatnonzero(~chk["has_suffix"]):
         out.append((snip_path(i), f"bad snip id {sid[i]!r}; expected '{{embryo_id}}_{{s|t|}}NNNN' (3 or 4 digits)"))
@@ -609,16 +606,6 @@ def _semantic_checks(
         out.extend(_flag_list_checks(flag_lists[i], "snip", sets, ("embryos", embryo_ids[owner[i]], "snips", sid[i], "flags"), stamps))
     out.extend(stamps.problems())
     return out
-
-
-class _LazyIds:
-    """Index positions to ids, without materialising a million Python strings."""
-
-    def __init__(self, index: pd.Index) -> None:
-        self.index = index
-
-    def __getitem__(self, i: int) -> str:
-        return str(self.index[i])
 
 
 def _author_time_checks(author: pd.Series, stamp: pd.Series, where: Any) -> list[Problem]:
