@@ -819,17 +819,19 @@ def _apply_step(
     """
     from pipeline import merge
 
-    if kind == "phenotype":
-        merge._apply_phenotypes(one, part, log, undo_ops, force)
-    elif kind == "genotype":
-        merge._apply_genotypes(one, part, log, undo_ops, force)
-    elif kind == "measurement":
-        merge._apply_measurements(one, part, log, undo_ops, force)
-    elif kind == "flag":
-        merge._apply_flags(one, part, replace, log, undo_ops)
-    else:
-        for target, entity, fieldname, before, after in part:
-            merge._restore(one, target, entity, fieldname, before, after, log, undo_ops)
+    # As in merge._write_batch: many small entries next to a large document.
+    with paused_gc():
+        if kind == "phenotype":
+            merge._apply_phenotypes(one, part, log, undo_ops, force)
+        elif kind == "genotype":
+            merge._apply_genotypes(one, part, log, undo_ops, force)
+        elif kind == "measurement":
+            merge._apply_measurements(one, part, log, undo_ops, force)
+        elif kind == "flag":
+            merge._apply_flags(one, part, replace, log, undo_ops)
+        else:
+            for target, entity, fieldname, before, after in part:
+                merge._restore(one, target, entity, fieldname, before, after, log, undo_ops)
 
 
 def _shard_store(embryos: dict[str, Any], top: dict[str, Any]) -> Store:
