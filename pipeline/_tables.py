@@ -17,8 +17,9 @@ wrong, and is left out of the table.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import chain, repeat
 from operator import itemgetter
 from typing import Any
 
@@ -585,27 +586,95 @@ def _semantic_checks(
     alive_after = (~dead) & (frame > first_dead[owner])
     for i in np.flatnonzero(alive_after):
         out.append((snip_path(i, "phenotype", "value"), f"{pheno.iat[i]!r} at frame {frame[i]} after death at frame {first_dead[owner[i]]}: DEAD is permanent and must fill forward"))
-    # Embryo-level flags, genotypes and treatments.
-    stamps = _Stamps()
-    for i, eid in enumerate(embryo_ids):
-        if i in bad:
-            continue
+    # Embryo-level flags, genotypes and treatments, then snip-level flags (only
+    # snips that have any). Flags are checked as whole lists first; messages
+    # are built only for the flag lists that fail, in the original order.
+    good = [i for i in range(n_emb) if i not in bad]
+    flagged = np.flatnonzero(snips["n_flags"].to_numpy() > 0).tolist()
+    failing_embryo = _failing_flag_lists([embryo_objs[i]["flags"] for i in good], "embryo", sets)
+    # Every author/timestamp-bearing object in check order, and where each
+    # embryo's block starts (paths are built only for the failing ones).
+    stamp_objs: list[Any] = []
+    block_starts: list[int] = []
+    for j, i in enumerate(good):
+        eid = embryo_ids[i]
         e = embryo_objs[i]
-        out.extend(_flag_list_checks(e["flags"], "embryo", sets, ("embryos", eid, "flags"), stamps))
+        block_starts.append(len(stamp_objs))
+        if j in failing_embryo:
+            out.extend(_flag_list_checks(e["flags"], "embryo", sets, ("embryos", eid, "flags")))
+        stamp_objs.extend(e["flags"])
         g = e["genotype"]
         if g:
             if g["value"] not in sets["genotypes"]:
                 out.append((json_path("embryos", eid, "genotype", "value"), f"unknown genotype {g['value']!r}{suggest(g['value'], sets['genotypes'])}; permitted: {', '.join(sorted(sets['genotypes']))}"))
             if "zygosity" in g and g["zygosity"] not in sets["zygosity"]:
                 out.append((json_path("embryos", eid, "genotype", "zygosity"), f"unknown zygosity {g['zygosity']!r}{suggest(g['zygosity'], sets['zygosity'])}"))
-            stamps.add(g, ("embryos", eid, "genotype"))
-        for k, t in enumerate(e["treatments"]):
-            stamps.add(t, ("embryos", eid, "treatments", k))
-    # Snip-level flags: only snips that have any.
-    for i in np.flatnonzero(snips["n_flags"].to_numpy() > 0):
-        out.extend(_flag_list_checks(flag_lists[i], "snip", sets, ("embryos", embryo_ids[owner[i]], "snips", sid[i], "flags"), stamps))
-    out.extend(stamps.problems())
+            stamp_objs.append(g)
+        stamp_objs.extend(e["treatments"])
+    n_embryo_stamps = len(stamp_objs)
+    snip_flags = [flag_lists[i] for i in flagged]
+    for j in sorted(_failing_flag_lists(snip_flags, "snip", sets)):
+        i = flagged[j]
+        out.extend(_flag_list_checks(flag_lists[i], "snip", sets, ("embryos", embryo_ids[owner[i]], "snips", sid[i], "flags")))
+    stamp_objs.extend(chain.from_iterable(snip_flags))
+    flag_starts = np.cumsum([0, *map(len, snip_flags)])
+
+    def stamp_path(pos: int, key: str) -> str:
+        pos = int(pos)
+        if pos >= n_embryo_stamps:
+            j = int(np.searchsorted(flag_starts, pos - n_embryo_stamps, side="right")) - 1
+            i = flagged[j]
+            k = pos - n_embryo_stamps - int(flag_starts[j])
+            return json_path("embryos", embryo_ids[owner[i]], "snips", sid[i], "flags", k, key)
+        j = bisect_right(block_starts, pos) - 1
+        e = embryo_objs[good[j]]
+        where: tuple[str | int, ...]
+        k = pos - block_starts[j]
+        if k < len(e["flags"]):
+            where = ("flags", k)
+        elif e["genotype"] and k == len(e["flags"]):
+            where = ("genotype",)
+        else:
+            where = ("treatments", k - len(e["flags"]) - bool(e["genotype"]))
+        return json_path("embryos", embryo_ids[good[j]], *where, key)
+
+    out.extend(_stamp_checks(stamp_objs, stamp_path))
     return out
+
+
+def _failing_flag_lists(flag_lists: list[list[dict[str, Any]]], level: str, sets: dict[str, Any]) -> set[int]:
+    """Positions of the flag lists with any problem _flag_list_checks reports."""
+    lens = np.fromiter(map(len, flag_lists), dtype=np.int64, count=len(flag_lists))
+    if not lens.any():
+        return set()
+    flat = list(chain.from_iterable(flag_lists))
+    values = [f.get("value") for f in flat]
+    permitted = sets["flags"].get(level, set())
+    severity = sets["severity"]
+    bad = np.fromiter((v not in permitted for v in values), dtype=bool, count=len(flat))
+    bad |= np.fromiter(("severity" in f and f["severity"] not in severity for f in flat), dtype=bool, count=len(flat))
+    list_of = np.repeat(np.arange(len(flag_lists)), lens)
+    failing = set(list_of[bad].tolist())
+    # Duplicates: only lists with more than one flag can have any.
+    starts = np.cumsum(lens) - lens
+    for j in np.flatnonzero(lens > 1).tolist():
+        vals = values[starts[j] : starts[j] + lens[j]]
+        if len(set(vals)) != len(vals):
+            failing.add(j)
+    return failing
+
+
+def _stamp_checks(objs: list[dict[str, Any]], where: Any) -> list[Problem]:
+    # Authors and timestamps of many small objects, checked as two columns.
+    if not objs:
+        return []
+    authors = [o.get("author") for o in objs]
+    stamps = [o.get("timestamp") for o in objs]
+    return _author_time_checks(
+        pd.Series([a if isinstance(a, str) else "" for a in authors], dtype=STRING),
+        pd.Series([t if isinstance(t, str) else "" for t in stamps], dtype=STRING),
+        where,
+    )
 
 
 def _author_time_checks(author: pd.Series, stamp: pd.Series, where: Any) -> list[Problem]:
@@ -645,7 +714,7 @@ class _Stamps:
         )
 
 
-def _flag_list_checks(flags: list[dict[str, Any]], level: str, sets: dict[str, Any], path: tuple[str | int, ...], stamps: _Stamps) -> list[Problem]:
+def _flag_list_checks(flags: list[dict[str, Any]], level: str, sets: dict[str, Any], path: tuple[str | int, ...], stamps: _Stamps | None = None) -> list[Problem]:
     out: list[Problem] = []
     seen: set[str] = set()
     permitted = sets["flags"].get(level, set())
@@ -658,7 +727,8 @@ def _flag_list_checks(flags: list[dict[str, Any]], level: str, sets: dict[str, A
         seen.add(value)
         if "severity" in f and f["severity"] not in sets["severity"]:
             out.append((json_path(*path, k, "severity"), f"unknown severity {f['severity']!r}{suggest(f['severity'], sets['severity'])}; permitted: {', '.join(sorted(sets['severity']))}"))
-        stamps.add(f, (*path, k))
+        if stamps is not None:
+            stamps.add(f, (*path, k))
     return out
 
 
