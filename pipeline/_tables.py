@@ -668,13 +668,21 @@ def _stamp_checks(objs: list[dict[str, Any]], where: Any) -> list[Problem]:
     # Authors and timestamps of many small objects, checked as two columns.
     if not objs:
         return []
-    authors = [o.get("author") for o in objs]
-    stamps = [o.get("timestamp") for o in objs]
-    return _author_time_checks(
-        pd.Series([a if isinstance(a, str) else "" for a in authors], dtype=STRING),
-        pd.Series([t if isinstance(t, str) else "" for t in stamps], dtype=STRING),
-        where,
-    )
+    if {o.__class__ for o in objs} == {dict}:
+        authors = list(map(dict.get, objs, repeat("author")))
+        stamps = list(map(dict.get, objs, repeat("timestamp")))
+    else:
+        authors = [o.get("author") for o in objs]
+        stamps = [o.get("timestamp") for o in objs]
+    return _author_time_checks(_text_series(authors), _text_series(stamps), where)
+
+
+def _text_series(values: list[Any]) -> pd.Series:
+    # A missing or non-string value counts as empty: a blank author or a bad
+    # timestamp is reported for it.
+    if not {v.__class__ for v in values} <= {str}:
+        values = [v if isinstance(v, str) else "" for v in values]
+    return pd.Series(pd.arrays.ArrowStringArray(_strings(values)), copy=False)
 
 
 def _author_time_checks(author: pd.Series, stamp: pd.Series, where: Any) -> list[Problem]:
