@@ -155,7 +155,7 @@ def build_tables(doc: dict[str, Any], vocab: dict[str, Any]) -> Tables:
     columns = _extract_fast(snip_objs)
     if columns is None:
         columns = _extract_robust(snip_objs, owner, bad_embryos)
-    values, authors, stamps, confs, frames, flag_lists, measures, keys = columns
+    values, authors, stamps, confs, frames, flag_lists, _, keys, n_flags = columns
 
     # Precise structural messages for the embryos that failed, via the walker.
     for i in sorted(bad_embryos):
@@ -175,16 +175,17 @@ def build_tables(doc: dict[str, Any], vocab: dict[str, Any]) -> Tables:
     if bad_embryos:
         keep_snip = ~np.isin(owner, np.fromiter(bad_embryos, dtype=np.int64))
         idx = np.flatnonzero(keep_snip).tolist()
-        snip_ids, values, authors, stamps, confs, frames, flag_lists, measures = (
+        snip_ids, values, authors, stamps, confs, frames, flag_lists = (
             [col[j] for j in idx]
-            for col in (snip_ids, values, authors, stamps, confs, frames, flag_lists, measures)
+            for col in (snip_ids, values, authors, stamps, confs, frames, flag_lists)
         )
         owner = owner[keep_snip]
+        n_flags = n_flags[keep_snip]
         keys = {k: [col[j] for j in idx] for k, col in keys.items()}
 
     snips, id_checks = _assemble(
         embryo_ids, embryo_objs, bad_embryos, owner, snip_ids, values, authors, stamps,
-        confs, frames, flag_lists, measures, keys,
+        confs, frames, flag_lists, n_flags, keys,
     )
     problems.extend(_semantic_checks(snips, id_checks, embryo_ids, embryo_objs, bad_embryos, owner, sets, flag_lists, snip_ids))
     problems.extend(_store_flag_checks(doc, sets))
@@ -194,56 +195,71 @@ def build_tables(doc: dict[str, Any], vocab: dict[str, Any]) -> Tables:
 _MISSING = float("nan")  # a unique NaN object: list.count() finds it by identity
 
 
-def _extract_fast(snip_objs: list[Any]) -> tuple[list[Any], ...] | None:
+def _extract_fast(snip_objs: list[Any]) -> tuple[Any, ...] | None:
     # The common case, a valid file, costs one C-level pass per field: map()
     # with itemgetter/dict.get runs no Python bytecode per snip. Unexpected
     # keys show up as a difference in the total number of keys. Anything odd
-    # returns None, and the robust path finds exactly where.
+    # returns None, and the robust path finds exactly where. Each pass over a
+    # million objects costs ~0.1 s in cache misses, so no pass is repeated:
+    # a column's set of types tells whether counting its nulls is needed.
     n = len(snip_objs)
+    none = type(None)
     try:
         phenos = list(map(itemgetter("phenotype"), snip_objs))
         flag_lists = list(map(itemgetter("flags"), snip_objs))
         frames = list(map(dict.get, snip_objs, repeat("frame")))
         measures = list(map(dict.get, snip_objs, repeat("measurements")))
-        n_keys = 2 * n + (n - frames.count(None)) + (n - measures.count(None))
-        if sum(map(len, snip_objs)) != n_keys:
+        frame_types = set(map(type, frames))
+        measure_types = set(map(type, measures))
+        n_no_frame = frames.count(None) if none in frame_types else 0
+        n_no_measures = measures.count(None) if none in measure_types else 0
+        if sum(map(len, snip_objs)) != 4 * n - n_no_frame - n_no_measures:
             return None
         values = list(map(itemgetter("value"), phenos))
         authors = list(map(itemgetter("author"), phenos))
         stamps = list(map(itemgetter("timestamp"), phenos))
         confs = list(map(dict.get, phenos, repeat("confidence"), repeat(_MISSING)))
-        notes = list(map(dict.get, phenos, repeat("notes"), repeat(_MISSING)))
-        n_keys = 5 * n - confs.count(_MISSING) - notes.count(_MISSING)
-        if sum(map(len, phenos)) != n_keys:
-            return None
+        n_keys = 4 * n - confs.count(_MISSING)
+        n_pheno_keys = sum(map(len, phenos))
+        if n_pheno_keys != n_keys:
+            # Only then can there be notes (or an unexpected key).
+            notes = list(map(dict.get, phenos, repeat("notes"), repeat(_MISSING)))
+            if n_pheno_keys != n_keys + n - notes.count(_MISSING) or not set(map(type, notes)) <= {str, float}:
+                return None
     except (KeyError, TypeError, AttributeError):
         return None
-    allowed_confidence = {float, int}
     if not (
         set(map(type, flag_lists)) <= {list}
         and set(map(type, values)) | set(map(type, authors)) | set(map(type, stamps)) <= {str}
-        and set(map(type, confs)) <= allowed_confidence
-        and set(map(type, notes)) <= {str, float}
-        and set(map(type, frames)) <= {int, type(None)}
-        and set(map(type, measures)) <= {dict, type(None)}
+        and set(map(type, confs)) <= {float, int}
+        and frame_types <= {int, none}
+        and measure_types <= {dict, none}
     ):
         return None
-    keys = _measurement_columns(measures)
+    keys = _measurement_columns(measures, n_no_measures)
     if keys is None:
         return None
-    # Most snips have no flags: filter() skips the empty lists at C speed.
-    if not all(map(_flags_shape_ok, filter(None, flag_lists))):
+    # Most snips have no flags: check shapes only where there are some.
+    n_flags = np.fromiter(map(len, flag_lists), dtype=np.int64, count=n)
+    if not all(map(_flags_shape_ok, map(flag_lists.__getitem__, np.flatnonzero(n_flags).tolist()))):
         return None
-    return values, authors, stamps, confs, frames, flag_lists, measures, keys
+    return values, authors, stamps, confs, frames, flag_lists, measures, keys, n_flags
 
 
-def _measurement_columns(measures: list[Any]) -> dict[str, list[Any]] | None:
+class _Absent:
+    """Stands for a measurement key a snip does not have (a type of its own)."""
+
+
+_ABSENT = _Absent()
+
+
+def _measurement_columns(measures: list[Any], n_none: int) -> dict[str, list[Any]] | None:
     """One list per measurement key, or None when the fast path cannot tell.
 
     Usually every snip has the same keys: take the first snip's keys and verify
-    by counting that no snip has any other.
+    by counting that no snip has any other. *n_none* is how many snips have no
+    measurements.
     """
-    n_none = measures.count(None)
     dicts = [m or {} for m in measures] if n_none else measures
     first = next((m for m in dicts if m), None)
     if first is None:
@@ -251,19 +267,26 @@ def _measurement_columns(measures: list[Any]) -> dict[str, list[Any]] | None:
     keys = sorted(first)
     if RESERVED_COLUMNS.intersection(keys):
         return None
+    n = len(dicts)
     present = 0
     columns = {}
     for key in keys:
-        column = list(map(dict.get, dicts, repeat(key), repeat(_MISSING)))
-        present += len(column) - column.count(_MISSING)
-        if not set(map(type, column)) <= {float, int, type(None)}:
+        column = list(map(dict.get, dicts, repeat(key), repeat(_ABSENT)))
+        types = set(map(type, column))
+        if _Absent in types:
+            present += n - column.count(_ABSENT)
+            types.discard(_Absent)
+            column = [None if v is _ABSENT else v for v in column]
+        else:
+            present += n
+        if not types <= {float, int, type(None)}:
             return None
         columns[key] = column
     # Any key beyond the first snip's shows up in the total count.
     return columns if sum(map(len, dicts)) == present else None
 
 
-def _extract_robust(snip_objs: list[Any], owner: np.ndarray, bad_embryos: set[int]) -> tuple[list[Any], ...]:
+def _extract_robust(snip_objs: list[Any], owner: np.ndarray, bad_embryos: set[int]) -> tuple[Any, ...]:
     """Pull the snip fields out one by one, marking embryos with malformed snips."""
 
     def mark_bad(positions: list[int] | np.ndarray) -> None:
@@ -310,10 +333,11 @@ def _extract_robust(snip_objs: list[Any], owner: np.ndarray, bad_embryos: set[in
         mark_bad([i for i, m in enumerate(measures) if m and _bad_measurements(m)])
     # Every snip-level flag list entry must be a well-formed flag object.
     mark_bad([i for i, fl in enumerate(flag_lists) if fl and not _flags_shape_ok(fl)])
+    n_flags = np.fromiter((len(fl) if fl.__class__ is list else 0 for fl in flag_lists), dtype=np.int64, count=len(flag_lists))
 
     dicts = [m if m.__class__ is dict else {} for m in measures]
     columns = {key: [m.get(key) for m in dicts] for key in sorted(keys - RESERVED_COLUMNS)}
-    return values, authors, stamps, confs, frames, flag_lists, measures, columns
+    return values, authors, stamps, confs, frames, flag_lists, measures, columns, n_flags
 
 
 _GENO_REQUIRED = frozenset(["value", "author", "timestamp", "confirmed"])
@@ -410,7 +434,7 @@ def _assemble(
     confs: list[Any],
     frames: list[Any],
     flag_lists: list[list[dict[str, Any]]],
-    measures: list[Any],
+    n_flags: np.ndarray,
     keys: dict[str, list[Any]],
 ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     # Returns the table and, aside from it, the id-check arrays for
@@ -459,7 +483,6 @@ def _assemble(
     nan_conf = np.zeros(n, dtype=bool)
     if np.isnan(conf).sum() != confs.count(_MISSING):
         nan_conf = np.fromiter((c is not _MISSING and isinstance(c, float) and math.isnan(c) for c in confs), dtype=bool, count=n)
-    n_flags = np.fromiter(map(len, flag_lists), dtype=np.int64, count=n)
     flag_text = np.full(n, "", dtype=object)
     for i in np.flatnonzero(n_flags).tolist():
         flag_text[i] = ",".join(sorted({f["value"] for f in flag_lists[i]}))
