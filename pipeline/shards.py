@@ -64,6 +64,7 @@ from pipeline.store import (
     Store,
     _fingerprint,
     _format_problems,
+    _parse_file,
     _parse_json,
     now,
     paused_gc,
@@ -128,7 +129,7 @@ def _load_shard(
     StoreFormatError
         If the file is not a valid shard of *experiment*.
     """
-    doc = _parse_json(path.read_bytes(), str(path))
+    doc = _parse_file(path)
     problems: list[tuple[str, str]] = []
     # The shape with the schema checker; the embryos with the columnar
     # checks the single-file reader and the workers use (the schema
@@ -636,7 +637,7 @@ def _shard_table(
 ) -> pd.DataFrame:
     """Parse, check and flatten one shard (runs on a worker)."""
     path = Path(root) / rel
-    doc = _parse_json(path.read_bytes(), str(path))
+    doc = _parse_file(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("embryos"), dict):
         msg = f"{path}: expected an object with 'embryos'"
         raise StoreFormatError(msg, path=str(path))
@@ -760,7 +761,7 @@ def _top(store: ShardedStore) -> dict[str, Any]:
 
 def _shard_videos(path: str) -> list[str]:
     """The video ids of one shard's embryos (runs on a worker)."""
-    doc = _parse_json(Path(path).read_bytes(), path)
+    doc = _parse_file(Path(path))
     try:
         return list({e["source"]["video_id"] for e in doc["embryos"].values()})
     except (KeyError, TypeError, AttributeError):

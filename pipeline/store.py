@@ -29,6 +29,7 @@ import pandas as pd
 
 from pipeline import ids
 from pipeline._atomic import LOCK_TIMEOUT, atomic_write_bytes, store_lock
+from pipeline._jsonfile import load_json_file
 from pipeline._tables import Tables, build_tables, flags_table, suggest
 from pipeline.errors import (
     AnnotationError,
@@ -90,11 +91,24 @@ def _parse_json(data: bytes, where: str) -> Any:
         with paused_gc():
             return orjson.loads(data)
     except orjson.JSONDecodeError as err:
-        msg = (
-            f"{where} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno} "
-            f"(character {err.pos}); fix the file by hand or restore a backup"
-        )
-        raise StoreFormatError(msg, problems=[("$", msg)], path=where) from None
+        raise _not_json(err, where) from None
+
+
+def _parse_file(path: Path) -> Any:
+    """Parse a JSON file, a block at a time when it is in our layout (see :mod:`pipeline._jsonfile`)."""
+    try:
+        with paused_gc():
+            return load_json_file(path)
+    except orjson.JSONDecodeError as err:
+        raise _not_json(err, str(path)) from None
+
+
+def _not_json(err: orjson.JSONDecodeError, where: str) -> StoreFormatError:
+    msg = (
+        f"{where} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno} "
+        f"(character {err.pos}); fix the file by hand or restore a backup"
+    )
+    return StoreFormatError(msg, problems=[("$", msg)], path=where)
 
 
 class Store:
@@ -726,9 +740,7 @@ def read_store(path: str | os.PathLike[str], *, quiet: bool = False) -> Store:
     if path.is_dir():
         msg = f"{str(path)!r} is a folder without a store.json: expected a store file or a sharded store's folder"
         raise StoreFormatError(msg, path=str(path))
-    data = path.read_bytes()
-    doc = _parse_json(data, str(path))
-    del data
+    doc = _parse_file(path)
     report: list[str] = []
     if is_legacy(doc):
         try:

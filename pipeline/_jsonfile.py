@@ -1,0 +1,138 @@
+"""Reading a store file without holding its bytes and its parse at once.
+
+``orjson.loads`` of a whole file needs the file's bytes, the parser's own tree
+of them and the Python objects it builds, all at the same time: about 5.3x the
+file size for a store, of which the Python document is only 2.7x. Files in the
+layout this package writes (orjson, two-space indent) are read here a block at
+a time instead: the ``"embryos"`` object, which is nearly all of a store, is
+parsed a few embryos at a time, each piece from a reused buffer, so the peak is
+the document plus one block.
+
+The cuts rely on a property of JSON: a raw newline can only be whitespace
+between tokens, never inside a string. In the two-space layout a line that
+starts with exactly four spaces and a quote, after a comma, starts the next
+member of a depth-2 object, and the first line that is two spaces and ``}``
+after ``"embryos": {`` closes it. Every piece must parse on its own as a JSON
+object, and the file without its embryos must parse to an object whose
+``"embryos"`` is empty, with ``"embryos"`` a key of the top-level object; anything else (another layout, a legacy file, a syntax
+error anywhere) falls back to one whole-file parse, which also gives the
+precise error. The document is then checked as a whole by the store's
+validation, as any parse is.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+__all__ = ["load_json_file"]
+
+_OPEN = b'\n  "embryos": {'
+_NEXT = b',\n    "'
+_CLOSE = b"\n  }"
+_BRACE_OPEN, _BRACE_CLOSE = 0x7B, 0x7D
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_MAX_HEAD = 1 << 24
+#: Bytes read at a time (the buffer grows if one embryo is larger).
+BLOCK = 16 << 20
+
+
+class _OtherLayout(Exception):
+    """The file is not in the layout the streamed reader follows."""
+
+
+def load_json_file(path: Path, *, block: int = BLOCK) -> Any:
+    """Parse a JSON file, a block at a time when it is a store in our layout.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The file.
+    block : int, default BLOCK
+        Bytes read at a time by the streamed reader.
+
+    Returns
+    -------
+    object
+        The parsed JSON, equal (keys in the same order) to
+        ``orjson.loads(path.read_bytes())``.
+
+    Raises
+    ------
+    orjson.JSONDecodeError
+        If the file is not valid JSON (from the whole-file parse, so the
+        position is the file's).
+    """
+    if path.stat().st_size > block:
+        try:
+            return _load_streamed(path, block)
+        except (_OtherLayout, orjson.JSONDecodeError):
+            pass
+    return orjson.loads(path.read_bytes())
+
+
+def _depth(text: bytes) -> int:
+    """Nesting depth at the end of *text*, a prefix of a JSON document."""
+    bare = _STRING.sub(b"", text)
+    return bare.count(b"{") + bare.count(b"[") - bare.count(b"}") - bare.count(b"]")
+
+
+def _load_streamed(path: Path, block: int) -> dict[str, Any]:
+    embryos: dict[str, Any] = {}
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(block)
+        filled = f.readinto(buf) or 0
+        # The top-level members before "embryos" are small; read on until it.
+        while (at := buf.find(_OPEN, 0, filled)) < 0 or filled <= at + len(_OPEN):
+            if filled < len(buf) or len(buf) >= _MAX_HEAD:
+                raise _OtherLayout
+            buf.extend(bytes(len(buf)))
+            with memoryview(buf) as rest:
+                filled += f.readinto(rest[filled:]) or 0
+        if buf[at + len(_OPEN)] == _BRACE_CLOSE:
+            raise _OtherLayout  # "embryos": {} : nothing to stream
+        head = bytes(buf[: at + len(_OPEN)])
+        if _depth(head) != 2:
+            raise _OtherLayout  # "embryos" is not a key of the top-level object
+        # `start` is the byte just before the next piece: the object's "{" at
+        # first, then the comma that ended the previous piece. Each piece is
+        # parsed in place by overwriting that byte with "{" and the byte
+        # after it with "}".
+        start = at + len(_OPEN) - 1
+        view = memoryview(buf)
+        try:
+            while True:
+                end = buf.find(_CLOSE, start, filled)
+                if end >= 0:
+                    buf[start], buf[end] = _BRACE_OPEN, _BRACE_CLOSE
+                    embryos.update(orjson.loads(view[start : end + 1]))
+                    tail = bytes(view[end + len(_CLOSE) : filled]) + f.read()
+                    break
+                cut = buf.rfind(_NEXT, start, filled)
+                if cut > start:
+                    buf[start], buf[cut] = _BRACE_OPEN, _BRACE_CLOSE
+                    embryos.update(orjson.loads(view[start : cut + 1]))
+                    start = cut
+                # Keep the unparsed rest (from `start`) and read more after it.
+                rest = filled - start
+                if start > 0:
+                    buf[:rest] = bytes(view[start:filled])  # a copy: the ranges may overlap
+                    start = 0
+                elif filled == len(buf):
+                    view.release()
+                    buf.extend(bytes(len(buf)))  # one embryo larger than the buffer
+                    view = memoryview(buf)
+                got = f.readinto(view[rest:])
+                if not got:
+                    raise _OtherLayout  # no closing line: not our layout
+                filled = rest + got
+        finally:
+            view.release()
+    doc = orjson.loads(head + b"}" + tail)
+    if not isinstance(doc, dict) or doc.get("embryos") != {}:
+        raise _OtherLayout
+    doc["embryos"] = embryos
+    return doc

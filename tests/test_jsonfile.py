@@ -1,0 +1,120 @@
+"""The block-at-a-time store reader gives exactly what a whole-file parse gives."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import orjson
+import pytest
+
+import pipeline
+from pipeline._jsonfile import _load_streamed, _OtherLayout, load_json_file
+from pipeline.errors import StoreFormatError
+from pipeline.testing import make_store
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="module")
+def store_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("jsonfile") / "store.json"
+    make_store(n_experiments=3, n_embryos=6, n_frames=12, seed=3).save(path, backups=0)
+    return path
+
+
+@pytest.mark.parametrize("block", [64, 1000, 4096, 1 << 20])
+def test_streamed_equals_whole_parse(store_file: Path, block: int) -> None:
+    whole = orjson.loads(store_file.read_bytes())
+    streamed = _load_streamed(store_file, block)
+    assert streamed == whole
+    # Same key order at every level that matters for a byte-identical save.
+    assert list(streamed) == list(whole)
+    assert list(streamed["embryos"]) == list(whole["embryos"])
+    assert orjson.dumps(streamed) == orjson.dumps(whole)
+
+
+def test_small_blocks_are_used_by_load_json_file(store_file: Path) -> None:
+    # A block smaller than the file takes the streamed path.
+    assert load_json_file(store_file, block=512) == orjson.loads(store_file.read_bytes())
+
+
+def test_read_store_gives_the_same_store_and_table(store_file: Path, tmp_path: Path) -> None:
+    store = pipeline.read_store(store_file)
+    assert store.doc == orjson.loads(store_file.read_bytes())
+    # Saving what was read writes the same bytes back.
+    out = tmp_path / "again.json"
+    store.save(out, backups=0)
+    assert out.read_bytes() == store_file.read_bytes()
+
+
+def test_an_embryo_larger_than_the_block(tmp_path: Path) -> None:
+    path = tmp_path / "big.json"
+    make_store(n_experiments=1, n_embryos=2, n_frames=60, seed=5).save(path, backups=0)
+    assert _load_streamed(path, 256) == orjson.loads(path.read_bytes())
+
+
+def test_empty_embryos_is_not_streamed(tmp_path: Path) -> None:
+    path = tmp_path / "empty.json"
+    doc = orjson.loads(orjson.dumps(make_store(n_experiments=1, n_embryos=1, n_frames=2, seed=1).doc))
+    doc["embryos"] = {}
+    path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    with pytest.raises(_OtherLayout):
+        _load_streamed(path, 16)
+    assert load_json_file(path, block=16) == doc
+
+
+@pytest.mark.parametrize(
+    "dump",
+    [
+        lambda doc: orjson.dumps(doc),  # minified
+        lambda doc: (orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode().replace("\n  ", "\n    ")).encode(),
+    ],
+    ids=["minified", "four-space"],
+)
+def test_other_layouts_fall_back_to_one_parse(store_file: Path, tmp_path: Path, dump) -> None:
+    doc = orjson.loads(store_file.read_bytes())
+    path = tmp_path / "other.json"
+    path.write_bytes(dump(doc))
+    assert load_json_file(path, block=256) == doc
+
+
+def test_embryos_key_nested_elsewhere_is_not_mistaken(tmp_path: Path) -> None:
+    # "embryos" on a two-space line, but as a key of a nested object.
+    text = b'{"meta": {\n  "embryos": {\n    "x": {}\n  }\n}, "embryos": {}}'
+    path = tmp_path / "nested.json"
+    path.write_bytes(text)
+    with pytest.raises(_OtherLayout):
+        _load_streamed(path, 16)
+    assert load_json_file(path, block=16) == orjson.loads(text)
+
+
+def test_syntax_error_deep_in_the_embryos_reports_the_files_position(store_file: Path, tmp_path: Path) -> None:
+    text = store_file.read_bytes()
+    # Break a value far into the embryos object.
+    at = text.index(b'"author"', len(text) * 2 // 3)
+    broken = text[:at] + b'"author" "x",' + text[at + len(b'"author":') :]
+    path = tmp_path / "broken.json"
+    path.write_bytes(broken)
+    with pytest.raises(orjson.JSONDecodeError) as whole:
+        orjson.loads(broken)
+    with pytest.raises(StoreFormatError) as err:
+        pipeline.read_store(path)
+    assert f"line {whole.value.lineno}, column {whole.value.colno}" in str(err.value)
+
+
+def test_truncated_file_is_an_error(store_file: Path, tmp_path: Path) -> None:
+    path = tmp_path / "truncated.json"
+    path.write_bytes(store_file.read_bytes()[: store_file.stat().st_size // 2])
+    with pytest.raises(StoreFormatError, match="not valid JSON"):
+        pipeline.read_store(path)
+
+
+def test_shared_examples_read_the_same(tmp_path: Path) -> None:
+    examples = sorted((SHARED / "examples").glob("*.json"))
+    if not examples:
+        pytest.skip("no shared examples next to the repository")
+    for example in examples:
+        copy = tmp_path / example.name
+        shutil.copy(example, copy)
+        assert load_json_file(copy, block=64) == orjson.loads(example.read_bytes()), example.name
