@@ -14,7 +14,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -63,15 +63,17 @@ def _keep_backup(path: Path, keep: int) -> None:
         stale.unlink(missing_ok=True)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, backups: int = 5) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | Iterable[bytes], *, backups: int = 5) -> None:
     """Replace *path* by *data* atomically and durably.
 
     Parameters
     ----------
     path : path-like
         The file to replace (or create).
-    data : bytes
-        The new content.
+    data : bytes or iterable of bytes
+        The new content, or its pieces in order (written as they come, so the
+        whole need never be in memory; if producing a piece fails, the file is
+        left as it was).
     backups : int, default 5
         How many timestamped backups of earlier versions to keep; 0 keeps none.
     """
@@ -81,7 +83,11 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, backups: in
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            if isinstance(data, bytes | bytearray | memoryview):
+                handle.write(data)
+            else:
+                for piece in data:
+                    handle.write(piece)
             handle.flush()
             os.fsync(handle.fileno())
         if path.exists():

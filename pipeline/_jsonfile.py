@@ -23,12 +23,19 @@ validation, as any parse is.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-__all__ = ["load_json_file"]
+__all__ = ["load_json_file", "dump_chunks", "DUMP_OPTIONS"]
+
+#: How store files are written: orjson, two-space indent, a final newline.
+DUMP_OPTIONS = orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE
+#: Embryos serialised per piece by :func:`dump_chunks`.
+EMBRYOS_PER_CHUNK = 256
 
 _OPEN = b'\n  "embryos": {'
 _NEXT = b',\n    "'
@@ -136,3 +143,42 @@ def _load_streamed(path: Path, block: int) -> dict[str, Any]:
         raise _OtherLayout
     doc["embryos"] = embryos
     return doc
+
+
+def dump_chunks(doc: Any, *, per_chunk: int = EMBRYOS_PER_CHUNK) -> Iterator[bytes | memoryview]:
+    """Serialise a store document in pieces whose concatenation is its file.
+
+    Parameters
+    ----------
+    doc : object
+        A store document (any JSON value is accepted).
+    per_chunk : int, default EMBRYOS_PER_CHUNK
+        Embryos serialised per piece.
+
+    Yields
+    ------
+    bytes or memoryview
+        Pieces; ``b"".join(dump_chunks(doc)) == orjson.dumps(doc,
+        option=DUMP_OPTIONS)``. The embryos are serialised a few at a time,
+        so a writer never holds the whole file in memory.
+    """
+    embryos = doc.get("embryos") if isinstance(doc, dict) else None
+    if not isinstance(embryos, dict) or not embryos:
+        yield orjson.dumps(doc, option=DUMP_OPTIONS)
+        return
+    skeleton = orjson.dumps({**doc, "embryos": {}}, option=DUMP_OPTIONS)
+    mark = b'\n  "embryos": {}'
+    # In two-space output a line indented by two spaces is a top-level member.
+    at = skeleton.index(mark) + len(mark) - 1
+    yield skeleton[:at]
+    items = iter(embryos.items())
+    # Each group is dumped as {"embryos": {...}}, which puts its members at
+    # their depth in the file; the wrapper's own lines are cut off.
+    start, end = len(b'{\n  "embryos": {'), -len(b"\n  }\n}")
+    first = True
+    while part := dict(islice(items, per_chunk)):
+        if not first:
+            yield b","
+        first = False
+        yield memoryview(orjson.dumps({"embryos": part}, option=orjson.OPT_INDENT_2))[start:end]
+    yield b"\n  }" + skeleton[at + 1 :]

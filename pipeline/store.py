@@ -29,7 +29,7 @@ import pandas as pd
 
 from pipeline import ids
 from pipeline._atomic import LOCK_TIMEOUT, atomic_write_bytes, store_lock
-from pipeline._jsonfile import load_json_file
+from pipeline._jsonfile import DUMP_OPTIONS, dump_chunks, load_json_file
 from pipeline._tables import Tables, build_tables, flags_table, suggest
 from pipeline.errors import (
     AnnotationError,
@@ -627,7 +627,7 @@ class Store:
 
     def to_bytes(self) -> bytes:
         """Serialise the document (orjson, two-space indent, trailing newline)."""
-        return orjson.dumps(self.doc, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
+        return orjson.dumps(self.doc, option=DUMP_OPTIONS)
 
     def save(
         self,
@@ -681,7 +681,8 @@ class Store:
             if not _checked:
                 self.validate(raise_on_error=True)
             self.doc["file_info"]["last_updated"] = now()
-            atomic_write_bytes(target, self.to_bytes(), backups=backups)
+            # In pieces: the file's bytes are never all in memory next to the document.
+            atomic_write_bytes(target, dump_chunks(self.doc), backups=backups)
         if self.upgrade_report:
             print(f"upgraded {target} to schema version 1", file=sys.stderr)
             self.upgrade_report = []

@@ -9,7 +9,14 @@ import orjson
 import pytest
 
 import pipeline
-from pipeline._jsonfile import _load_streamed, _OtherLayout, load_json_file
+from pipeline._atomic import atomic_write_bytes
+from pipeline._jsonfile import (
+    DUMP_OPTIONS,
+    _load_streamed,
+    _OtherLayout,
+    dump_chunks,
+    load_json_file,
+)
 from pipeline.errors import StoreFormatError
 from pipeline.testing import make_store
 
@@ -42,10 +49,12 @@ def test_small_blocks_are_used_by_load_json_file(store_file: Path) -> None:
 def test_read_store_gives_the_same_store_and_table(store_file: Path, tmp_path: Path) -> None:
     store = pipeline.read_store(store_file)
     assert store.doc == orjson.loads(store_file.read_bytes())
-    # Saving what was read writes the same bytes back.
+    # Saving what was read writes the same bytes back (but the save time).
     out = tmp_path / "again.json"
     store.save(out, backups=0)
-    assert out.read_bytes() == store_file.read_bytes()
+    saved, original = orjson.loads(out.read_bytes()), orjson.loads(store_file.read_bytes())
+    original["file_info"]["last_updated"] = saved["file_info"]["last_updated"]
+    assert out.read_bytes() == orjson.dumps(original, option=DUMP_OPTIONS)
 
 
 def test_an_embryo_larger_than_the_block(tmp_path: Path) -> None:
@@ -118,3 +127,54 @@ def test_shared_examples_read_the_same(tmp_path: Path) -> None:
         copy = tmp_path / example.name
         shutil.copy(example, copy)
         assert load_json_file(copy, block=64) == orjson.loads(example.read_bytes()), example.name
+
+
+# ------------------------------------------------------------------ writing
+@pytest.mark.parametrize("per_chunk", [1, 2, 5, 1000])
+def test_dump_chunks_join_to_the_whole_dump(store_file: Path, per_chunk: int) -> None:
+    doc = orjson.loads(store_file.read_bytes())
+    pieces = list(dump_chunks(doc, per_chunk=per_chunk))
+    assert b"".join(pieces) == orjson.dumps(doc, option=DUMP_OPTIONS) == store_file.read_bytes()
+    n_embryos = len(doc["embryos"])
+    # The skeleton, the groups with commas between them, the tail.
+    n_groups = -(-n_embryos // per_chunk)
+    assert len(pieces) == 2 + 2 * n_groups - 1
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"file_info": {"schema_version": 1}, "embryos": {}, "flags": {}},
+        {"experiments": {"20240101": {"videos": {}}}},  # legacy shape: no embryos
+        [1, 2, {"embryos": {"a": 1}}],
+        {"embryos": {"a": {"embryos": {"b": "\n  }"}}}, "z": "\n  \"embryos\": {}"},
+    ],
+    ids=["empty", "legacy", "not-an-object", "tricky-strings"],
+)
+def test_dump_chunks_other_shapes(doc: object) -> None:
+    assert b"".join(dump_chunks(doc, per_chunk=1)) == orjson.dumps(doc, option=DUMP_OPTIONS)
+
+
+def test_a_failing_piece_leaves_the_file_as_it_was(store_file: Path, tmp_path: Path) -> None:
+    target = tmp_path / "store.json"
+    shutil.copy(store_file, target)
+    before = target.read_bytes()
+
+    def pieces():
+        yield b"{\n"
+        msg = "serialisation failed half way"
+        raise RuntimeError(msg)
+
+    with pytest.raises(RuntimeError, match="half way"):
+        atomic_write_bytes(target, pieces(), backups=0)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store.json"]
+
+
+def test_save_writes_in_pieces_and_reads_back(store_file: Path, tmp_path: Path) -> None:
+    store = pipeline.read_store(store_file)
+    store.add_phenotype(next(iter(next(iter(store.embryos.values()))["snips"])), "NONE", author="t")
+    out = tmp_path / "saved.json"
+    store.save(out, backups=0)
+    assert out.read_bytes() == store.to_bytes()
+    assert pipeline.read_store(out).doc == store.doc
