@@ -89,14 +89,46 @@ def append_record(store_path: str | os.PathLike[str], record: dict[str, Any]) ->
     record : dict
         JSON-serialisable record (one line).
     """
-    line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY)
     path = changelog_path(store_path)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
+        for piece in _line_pieces(record):
+            view = memoryview(piece)
+            while view:
+                view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_ENTRIES_PER_PIECE = 4096
+
+
+def _line_pieces(record: dict[str, Any]) -> Iterator[bytes]:
+    """The record's line in pieces, so a batch of many entries is never one huge bytes object.
+
+    Compact JSON has no whitespace, so ``[a,b]`` is ``"[" + "a" + "," + "b" +
+    "]"``: the entries are serialised a group at a time and spliced into the
+    record's own serialisation, byte for byte what one ``orjson.dumps`` gives.
+    """
+    options = orjson.OPT_SERIALIZE_NUMPY
+    entries = record.get("entries")
+    if not isinstance(entries, list) or len(entries) <= _ENTRIES_PER_PIECE:
+        yield orjson.dumps(record, option=options | orjson.OPT_APPEND_NEWLINE)
+        return
+    skeleton = orjson.dumps({**record, "entries": []}, option=options | orjson.OPT_APPEND_NEWLINE)
+    # A quote inside a string is escaped, so this can only be a key; if it
+    # also names a nested key, write the line in one piece.
+    mark = b'"entries":[]'
+    if skeleton.count(mark) != 1:
+        yield orjson.dumps(record, option=options | orjson.OPT_APPEND_NEWLINE)
+        return
+    at = skeleton.index(mark) + len(mark) - 1
+    yield skeleton[:at]
+    for start in range(0, len(entries), _ENTRIES_PER_PIECE):
+        group = orjson.dumps(entries[start : start + _ENTRIES_PER_PIECE], option=options)
+        yield (b"," if start else b"") + group[1:-1]
+    yield skeleton[at:]
 
 
 def iter_records(store_path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
