@@ -176,7 +176,7 @@ def build_tables(doc: dict[str, Any], vocab: dict[str, Any]) -> Tables:
         keep_snip = ~np.isin(owner, np.fromiter(bad_embryos, dtype=np.int64))
         idx = np.flatnonzero(keep_snip).tolist()
         snip_ids, values, authors, stamps, confs, frames, flag_lists = (
-            [col[j] for j in idx]
+            col.take(pa.array(idx, type=pa.int64())) if isinstance(col, pa.Array) else [col[j] for j in idx]
             for col in (snip_ids, values, authors, stamps, confs, frames, flag_lists)
         )
         owner = owner[keep_snip]
@@ -208,9 +208,10 @@ def _extract_fast(snip_objs: list[Any]) -> tuple[Any, ...] | None:
     # returns None, and the robust path finds exactly where. The passes run
     # block by block (see _BLOCK) and no pass is repeated: a column's set of
     # types tells whether counting its nulls is needed.
-    values: list[Any] = []
-    authors: list[Any] = []
-    stamps: list[Any] = []
+    # The phenotype's strings go to Arrow while the block is in the cache.
+    values: list[pa.Array] = []
+    authors: list[pa.Array] = []
+    stamps: list[pa.Array] = []
     confs: list[Any] = []
     frames: list[Any] = []
     flag_lists: list[Any] = []
@@ -258,14 +259,17 @@ def _extract_fast(snip_objs: list[Any]) -> tuple[Any, ...] | None:
         counts = np.fromiter(map(len, flags), dtype=np.int64, count=n)
         if not all(map(_flags_shape_ok, map(flags.__getitem__, np.flatnonzero(counts).tolist()))):
             return None
-        values += value
-        authors += author
-        stamps += stamp
+        values.append(_strings(value))
+        authors.append(_strings(author))
+        stamps.append(_strings(stamp))
         confs += conf
         frames += frame
         flag_lists += flags
         n_flags.append(counts)
-    return values, authors, stamps, confs, frames, flag_lists, measurements.columns, np.concatenate(n_flags)
+    return (
+        *(pa.chunked_array(chunks, type=pa.string()).combine_chunks() for chunks in (values, authors, stamps)),
+        confs, frames, flag_lists, measurements.columns, np.concatenate(n_flags),
+    )
 
 
 class _Absent:
@@ -449,8 +453,9 @@ def _bad_measurements(m: Any) -> bool:
     return any(k in RESERVED_COLUMNS or v.__class__ not in (float, int, type(None)) for k, v in m.items())
 
 
-def _strings(values: list[Any]) -> pa.Array:
-    return pa.array(values, type=pa.string())
+def _strings(values: list[Any] | pa.Array) -> pa.Array:
+    # The fast path hands over the phenotype's strings already converted.
+    return values if isinstance(values, pa.Array) else pa.array(values, type=pa.string())
 
 
 def _assemble(
@@ -459,9 +464,9 @@ def _assemble(
     bad: set[int],
     owner: np.ndarray,
     snip_ids: list[str],
-    values: list[str],
-    authors: list[str],
-    stamps: list[str],
+    values: list[str] | pa.Array,
+    authors: list[str] | pa.Array,
+    stamps: list[str] | pa.Array,
     confs: list[Any],
     frames: list[Any],
     flag_lists: list[list[dict[str, Any]]],
