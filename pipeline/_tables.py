@@ -1,10 +1,12 @@
 """Columnar view of a store document, and the load-time checks that use it.
 
-Reading a store builds its snip table once: one pass of list comprehensions
-pulls each field out of the parsed JSON into a column, and every rule of the
-contract that relates values to each other (ids, vocabulary, ``death_frame``,
-DEAD permanence, duplicate flags) is then checked with pyarrow/pandas over whole
-columns. The table is cached on the store and is exactly what
+Reading a store builds its snip table once: C-level passes (``map`` with
+``itemgetter``/``dict.get``), run block by block so each block stays in the CPU
+cache, pull each field out of the parsed JSON into a column, and every rule of
+the contract that relates values to each other (ids, vocabulary,
+``death_frame``, DEAD permanence, duplicate flags) is then checked with
+numpy/pyarrow/pandas over whole columns; messages and JSON paths are built only
+for the values that fail. The table is cached on the store and is exactly what
 :func:`pipeline.snips_from_store` partitions, so validation and flattening cost
 one pass together.
 
