@@ -40,7 +40,7 @@ EMBRYOS_PER_CHUNK = 256
 _OPEN = b'\n  "embryos": {'
 _NEXT = b',\n    "'
 _CLOSE = b"\n  }"
-_BRACE_OPEN, _BRACE_CLOSE = 0x7B, 0x7D
+_BRACE_OPEN, _BRACE_CLOSE, _COMMA = 0x7B, 0x7D, 0x2C
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _MAX_HEAD = 1 << 24
 #: Bytes read at a time (the buffer grows if one embryo is larger).
@@ -110,19 +110,31 @@ def _load_streamed(path: Path, block: int) -> dict[str, Any]:
         # after it with "}".
         start = at + len(_OPEN) - 1
         view = memoryview(buf)
+        eof = False
         try:
             while True:
-                end = buf.find(_CLOSE, start, filled)
-                if end >= 0:
+                # Parse up to the last member start in the buffer. Past the
+                # end of "embryos" (its closing line, then other top-level
+                # members) that piece cannot parse: only then look for the
+                # closing line, so the bulk is never searched for it.
+                cut = buf.rfind(_NEXT, start, filled)
+                ended = eof
+                if cut > start:
+                    buf[start], buf[cut] = _BRACE_OPEN, _BRACE_CLOSE
+                    try:
+                        embryos.update(orjson.loads(view[start : cut + 1]))
+                        start = cut
+                    except orjson.JSONDecodeError:
+                        buf[cut] = _COMMA
+                        ended = True
+                if ended:
+                    end = buf.find(_CLOSE, start, filled)
+                    if end < 0:
+                        raise _OtherLayout  # no closing line: not our layout
                     buf[start], buf[end] = _BRACE_OPEN, _BRACE_CLOSE
                     embryos.update(orjson.loads(view[start : end + 1]))
                     tail = bytes(view[end + len(_CLOSE) : filled]) + f.read()
                     break
-                cut = buf.rfind(_NEXT, start, filled)
-                if cut > start:
-                    buf[start], buf[cut] = _BRACE_OPEN, _BRACE_CLOSE
-                    embryos.update(orjson.loads(view[start : cut + 1]))
-                    start = cut
                 # Keep the unparsed rest (from `start`) and read more after it.
                 rest = filled - start
                 if start > 0:
@@ -132,9 +144,8 @@ def _load_streamed(path: Path, block: int) -> dict[str, Any]:
                     view.release()
                     buf.extend(bytes(len(buf)))  # one embryo larger than the buffer
                     view = memoryview(buf)
-                got = f.readinto(view[rest:])
-                if not got:
-                    raise _OtherLayout  # no closing line: not our layout
+                got = f.readinto(view[rest:]) or 0
+                eof = got == 0
                 filled = rest + got
         finally:
             view.release()

@@ -178,3 +178,22 @@ def test_save_writes_in_pieces_and_reads_back(store_file: Path, tmp_path: Path) 
     store.save(out, backups=0)
     assert out.read_bytes() == store.to_bytes()
     assert pipeline.read_store(out).doc == store.doc
+
+
+@pytest.mark.parametrize("block", [32, 200, 5000])
+@pytest.mark.parametrize("after", ["flags", "long-string", "nothing"])
+def test_what_follows_the_embryos(store_file: Path, tmp_path: Path, block: int, after: str) -> None:
+    doc = orjson.loads(store_file.read_bytes())
+    if after == "flags":
+        # Many indent-4 members after "embryos" (the pieces must stop at its end).
+        doc["flags"]["video"] = {f"20240101_A{i:02d}": [] for i in range(300)}
+    elif after == "long-string":
+        doc["zz"] = "x" * 20_000  # no member separators at all after "embryos"
+    else:
+        doc = {k: doc[k] for k in doc if k != "flags"}
+        doc["embryos"] = doc.pop("embryos")  # "embryos" last
+    path = tmp_path / "after.json"
+    path.write_bytes(orjson.dumps(doc, option=DUMP_OPTIONS))
+    streamed = _load_streamed(path, block)
+    assert streamed == doc
+    assert list(streamed) == list(doc)
