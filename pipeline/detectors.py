@@ -69,6 +69,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 import cloudpickle
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from pipeline._partitions import map_parts
 from pipeline.errors import PipelineError
@@ -1442,21 +1443,25 @@ def _change_rows(
 ) -> pd.DataFrame:
     n = len(hits)
 
-    def col(key: str, default: Any) -> Any:
-        if key in hits.columns:
-            return hits[key].to_numpy(dtype=object)
-        return [default] * n
+    def const(text: str | None) -> Any:
+        # One value for every row, built in Arrow (no list of n Python strings).
+        return pd.arrays.ArrowStringArray(pa.repeat(pa.scalar(text, pa.string()), n))
+
+    def col(key: str, default: str | None) -> Any:
+        if key not in hits.columns:
+            return const(default)
+        column = hits[key]
+        if column.dtype == STRING:
+            return column.array
+        return pd.array(column.to_numpy(dtype=object), dtype=STRING)
 
     return pd.DataFrame(
         {
-            "entity_id": pd.array(col("entity_id", None), dtype=STRING),
-            "level": pd.array([level or None] * n, dtype=STRING),
-            "flag": pd.array(col("flag", value), dtype=STRING),
-            "severity": pd.array(
-                col("severity", severity) if status == "raised" else [None] * n,
-                dtype=STRING,
-            ),
-            "notes": pd.array(col("notes", None), dtype=STRING),
+            "entity_id": col("entity_id", None),
+            "level": const(level or None),
+            "flag": col("flag", value),
+            "severity": col("severity", severity) if status == "raised" else const(None),
+            "notes": col("notes", None),
             "confidence": (
                 pd.to_numeric(hits["confidence"]).to_numpy(
                     dtype=np.float64, na_value=np.nan
@@ -1464,10 +1469,10 @@ def _change_rows(
                 if "confidence" in hits.columns
                 else np.full(n, np.nan)
             ),
-            "detector": pd.array([name] * n, dtype=STRING),
-            "author": pd.array([author_of(name)] * n, dtype=STRING),
-            "status": pd.array([status] * n, dtype=STRING),
-            "reason": pd.array([reason] * n, dtype=STRING),
+            "detector": const(name),
+            "author": const(author_of(name)),
+            "status": const(status),
+            "reason": const(reason),
         }
     )
 
