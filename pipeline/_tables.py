@@ -241,9 +241,10 @@ def _extract_fast(snip_objs: list[Any]) -> tuple[Any, ...] | None:
             n_keys = 4 * n - conf.count(_MISSING)
             n_pheno_keys = sum(map(len, phenos))
             if n_pheno_keys != n_keys:
-                # Only then can there be notes (or an unexpected key).
-                notes = list(map(dict.get, phenos, repeat("notes"), repeat(_MISSING)))
-                if n_pheno_keys != n_keys + n - notes.count(_MISSING) or not set(map(type, notes)) <= {str, float}:
+                # Only then can there be notes (or an unexpected key). Absent
+                # notes are _ABSENT, a type of its own: a float note is a float.
+                notes = list(map(dict.get, phenos, repeat("notes"), repeat(_ABSENT)))
+                if n_pheno_keys != n_keys + n - notes.count(_ABSENT) or not set(map(type, notes)) <= {str, _Absent}:
                     return None
         except (KeyError, TypeError, AttributeError):
             return None
@@ -352,10 +353,12 @@ def _extract_robust(snip_objs: list[Any], owner: np.ndarray, bad_embryos: set[in
     frames = [s.get("frame") for s in snip_objs]
     flag_lists = [s["flags"] for s in snip_objs]
     measures = [s.get("measurements") for s in snip_objs]
+    notes = list(map(dict.get, phenos, repeat("notes"), repeat("")))
     for column, allowed in (
         (values, (str,)),
         (authors, (str,)),
         (stamps, (str,)),
+        (notes, (str,)),
         (confs, (float, int)),
         (frames, (int, type(None))),
         (flag_lists, (list,)),

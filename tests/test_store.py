@@ -472,6 +472,61 @@ def test_each_rule_reports_its_path_and_what_to_fix(
     assert path in str(info.value)
 
 
+# Rules checked on a real file, read the way users read stores: orjson reads
+# what json.dumps writes, and the checks see exactly the parsed values.
+# (id, mutation, JSON path of the problem, fragment of its message)
+FILE_RULES: list[tuple[str, Callable[[dict[str, Any]], Any], str, str]] = [
+    (
+        "phenotype-notes-as-float",
+        lambda d: snip(d)["phenotype"].update(notes=1.5),
+        f"{SNIP1}.phenotype.notes",
+        "expected string, found number 1.5",
+    ),
+    (
+        "phenotype-notes-as-integer",
+        lambda d: snip(d)["phenotype"].update(notes=3),
+        f"{SNIP1}.phenotype.notes",
+        "expected string, found integer 3",
+    ),
+    (
+        "phenotype-notes-null",
+        lambda d: snip(d)["phenotype"].update(notes=None),
+        f"{SNIP1}.phenotype.notes",
+        "expected string, found null",
+    ),
+    (
+        # another snip's odd key sends the whole load down the robust path
+        "phenotype-notes-as-float-robust-path",
+        lambda d: (
+            snip(d)["phenotype"].update(notes=1.5),
+            snip(d, E4, f"{E4}_007").update(unexpected=1),
+        ),
+        f"{SNIP1}.phenotype.notes",
+        "expected string, found number 1.5",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "path", "fragment"),
+    [r[1:] for r in FILE_RULES],
+    ids=[r[0] for r in FILE_RULES],
+)
+def test_each_rule_is_reported_when_reading_a_file(
+    minimal_doc, tmp_path: Path, mutate, path, fragment
+) -> None:
+    mutate(minimal_doc)
+    file = tmp_path / "bad.json"
+    # json, not orjson: orjson refuses to write integers beyond 64 bits.
+    file.write_text(json.dumps(minimal_doc, indent=2))
+    with pytest.raises(StoreFormatError) as info:
+        read_store(file)
+    problems = info.value.problems
+    assert any(p == path and fragment in m for p, m in problems), problems
+    assert path in str(info.value)
+    assert sorted(validate_store(file)) == sorted(problems)
+
+
 def test_all_problems_are_reported_at_once(minimal_doc, tmp_path: Path) -> None:
     snip(minimal_doc)["phenotype"]["value"] = "EDMEA"
     snip(minimal_doc, E2, f"{E2}_t0000")["phenotype"]["author"] = ""
