@@ -127,6 +127,8 @@ def get_client(client: Any = None) -> Any:
     configured = dask.config.get("scheduler", None)
     if isinstance(configured, str) and configured in LOCAL_SCHEDULERS:
         return None
+    if callable(configured) and getattr(configured, "__module__", "").startswith("dask."):
+        return None  # a local scheduler's get function (see _local_get)
     # No distributed import, no client: keep plain sessions free of its cost.
     if "distributed" not in sys.modules:
         return None
@@ -301,6 +303,26 @@ def compute(
     if found is None:
         return _compute_local(collection, progress)
     return _compute_distributed(collection, found, progress, stage)
+
+
+def _local_get(name: str) -> Callable[..., Any]:
+    """The get function of one of Dask's local schedulers.
+
+    Configured by name, Dask imports ``distributed`` on every compute to look
+    for a client (1.5 s the first time); configured as the function itself, it
+    runs it directly.
+    """
+    if name == "sync":
+        from dask.local import get_sync
+
+        return get_sync
+    if name == "processes":
+        from dask.multiprocessing import get
+
+        return get
+    from dask.threaded import get
+
+    return get
 
 
 def compute_with_progress(
@@ -533,7 +555,7 @@ def open_runtime(
         with contextlib.ExitStack() as stack:
             stack.enter_context(
                 dask.config.set(
-                    scheduler=target, **({"num_workers": pool} if pool else {})
+                    scheduler=_local_get(target), **({"num_workers": pool} if pool else {})
                 )
             )
             if show:

@@ -707,7 +707,7 @@ def _sort_by_index(tables: Tables) -> None:
     for key in list(columns):
         columns[key] = columns[key].take(order)
     index = pd.Index(index.array.take(order), name=index.name)
-    tables.snips = pd.DataFrame(columns, index=index, copy=False).astype(dtypes, copy=False)
+    tables.snips = pd.DataFrame(columns, index=index, copy=False).astype(dtypes)
     pa.default_memory_pool().release_unused()
 
 
