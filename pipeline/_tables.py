@@ -13,13 +13,16 @@ one pass together.
 Structure (types, required and unexpected keys) is checked by cheap set
 comparisons in the same comprehensions; an embryo that fails them is re-checked
 by the JSON Schema walker in :mod:`pipeline._jsonschema` to say exactly what is
-wrong, and is left out of the table.
+wrong, and is left out of the table. An integer beyond 64 bits (JSON allows it;
+the table's int64/float64 columns do not) is looked for only when an Arrow
+conversion fails, and its embryo is then checked as malformed, from the start.
 """
 
 from __future__ import annotations
 
 import math
 from bisect import bisect_right
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from operator import itemgetter
@@ -31,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import ids
-from pipeline._jsonschema import check, json_path, store_schema
+from pipeline._jsonschema import _short, check, json_path, store_schema
 from pipeline.schema import RESERVED_COLUMNS, SNIP_COLUMNS, SNIP_INDEX, STRING
 
 __all__ = ["Tables", "build_tables", "flags_table", "TIMESTAMP_PATTERN"]
@@ -46,6 +49,8 @@ _PHENO_KEYS = _PHENO_REQUIRED | {"confidence", "notes"}
 _FLAG_REQUIRED = _PHENO_REQUIRED
 _FLAG_KEYS = _FLAG_REQUIRED | {"severity", "auto_generated", "notes", "confidence"}
 _NUMBER = (int, float)
+#: The integers the snip table holds (int64): JSON allows any, Arrow does not.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 Problem = tuple[str, str]
 
@@ -123,11 +128,11 @@ def build_tables(doc: dict[str, Any], vocab: dict[str, Any]) -> Tables:
     """
     problems: list[Problem] = []
     schema = store_schema()
-    defs = schema["$defs"]
     # Everything but the embryos is small: check it with the schema walker.
     top = {k: v for k, v in doc.items() if k != "embryos"}
     top_schema = dict(schema, required=[k for k in schema["required"] if k != "embryos"])
-    check(top, top_schema, (), problems)
+    if not _walk(top, top_schema, (), problems):
+        problems.extend(_wide_int_problems(top, (), problems))
     embryos = doc.get("embryos")
     if not isinstance(embryos, dict):
         problems.append((json_path("embryos"), "expected an object of embryos keyed by embryo id"))
@@ -157,20 +162,53 @@ def build_tables(doc: dict[str, Any], vocab: dict[str, Any]) -> Tables:
     columns = _extract_fast(snip_objs)
     if columns is None:
         columns = _extract_robust(snip_objs, owner, bad_embryos)
+    args = (doc, sets, embryo_ids, embryo_objs, owner, snip_ids, columns)
+    try:
+        return _check_and_build(*args, set(bad_embryos), list(problems))
+    except (pa.ArrowInvalid, OverflowError):
+        # An integer beyond 64 bits (a frame, confidence or measurement) fails
+        # the table's Arrow conversions. That is rare, so it is looked for only
+        # now: its embryo is checked as malformed, from the start.
+        wide = _wide_int_embryos(columns, owner)
+        if not wide:
+            raise
+        return _check_and_build(*args, bad_embryos | wide, problems)
+
+
+def _check_and_build(
+    doc: dict[str, Any],
+    sets: dict[str, Any],
+    embryo_ids: list[str],
+    embryo_objs: list[Any],
+    owner: np.ndarray,
+    snip_ids: list[str],
+    columns: tuple[Any, ...],
+    bad_embryos: set[int],
+    problems: list[Problem],
+) -> Tables:
+    # Everything after the extraction: the walker on the malformed embryos,
+    # the table of the others and the checks that use it. Rebinds, never
+    # mutates, the extracted columns, so it can run again (see build_tables).
+    defs = store_schema()["$defs"]
     values, authors, stamps, confs, frames, flag_lists, keys, n_flags = columns
 
     # Precise structural messages for the embryos that failed, via the walker.
     for i in sorted(bad_embryos):
         before = len(problems)
-        check(embryo_objs[i], defs["embryo"], ("embryos", embryo_ids[i]), problems)
+        path = ("embryos", embryo_ids[i])
+        _walk(embryo_objs[i], defs["embryo"], path, problems)
         problems.extend(_reserved_measurement_problems(embryo_objs[i], embryo_ids[i], problems[before:]))
+        problems.extend(_wide_int_problems(embryo_objs[i], path, problems[before:]))
         if len(problems) == before:
             problems.append((json_path("embryos", embryo_ids[i]), "malformed embryo"))
     # Embryo-level fields: a cheap shape test, the walker only where it fails.
     for i, e in enumerate(embryo_objs):
         if i not in bad_embryos and not _embryo_shape_ok(e):
             before = len(problems)
-            check(dict(e, snips={}), defs["embryo"], ("embryos", embryo_ids[i]), problems)
+            path = ("embryos", embryo_ids[i])
+            shallow = dict(e, snips={})
+            _walk(shallow, defs["embryo"], path, problems)
+            problems.extend(_wide_int_problems(shallow, path, problems[before:]))
             if len(problems) != before:
                 bad_embryos.add(i)
 
@@ -405,7 +443,7 @@ def _embryo_shape_ok(e: dict[str, Any]) -> bool:
     src, g, death = e["source"], e["genotype"], e["death_frame"]
     if src.__class__ is not dict or src.keys() != {"experiment_id", "video_id"}:
         return False
-    if not (death is None or (death.__class__ is int and death >= 0)):
+    if not (death is None or (death.__class__ is int and 0 <= death <= _INT64_MAX)):
         return False
     if g is not None:
         if g.__class__ is not dict or not (_GENO_REQUIRED <= g.keys() <= _GENO_KEYS):
@@ -439,6 +477,102 @@ def _reserved_measurement_problems(embryo: Any, embryo_id: str, found: list[Prob
             if path not in seen:
                 out.append((path, f"measurement key {key!r} collides with the snip table's own column {key!r}; rename it, e.g. {key + '_measured'!r}"))
     return out
+
+
+def _walk(value: Any, schema: dict[str, Any], path: tuple[str | int, ...], out: list[Problem]) -> bool:
+    """Run the schema walker; an integer too large for a float is no crash.
+
+    The walker's NaN test turns a number with a minimum or maximum into a
+    float, which overflows for an integer beyond ~1.8e308. Then the value is
+    walked again with such integers under the keys that have bounds replaced
+    by 0 (valid there), and False is returned: :func:`_wide_int_problems`
+    reports them.
+    """
+    found: list[Problem] = []
+    try:
+        check(value, schema, path, found)
+        whole = True
+    except OverflowError:
+        found = []
+        check(_without_huge_ints(value), schema, path, found)
+        whole = False
+    out.extend(found)
+    return whole
+
+
+_BOUNDED = frozenset(["frame", "death_frame", "confidence"])
+
+
+def _without_huge_ints(value: Any) -> Any:
+    # A copy of a JSON value with the integers too large for a float that sit
+    # under a bounded key replaced by 0.
+    if value.__class__ is list:
+        return [_without_huge_ints(v) for v in value]
+    if value.__class__ is not dict:
+        return value
+    return {
+        k: 0 if k in _BOUNDED and v.__class__ is int and not _fits_float(v) else _without_huge_ints(v)
+        for k, v in value.items()
+    }
+
+
+def _fits_float(value: int) -> bool:
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
+
+
+def _wide_int_problems(value: Any, path: tuple[str | int, ...], found: list[Problem]) -> list[Problem]:
+    """Problems for the integers beyond 64 bits in *value* that *found* lacks.
+
+    Only frames, ``death_frame``, confidences and measurements are numbers the
+    snip table or the walker's bounds need to hold; the walker accepts, for
+    example, an integer frame of 2**63.
+    """
+    seen = {p for p, _ in found}
+    out: list[Problem] = []
+    for where, number in _wide_ints(value, path):
+        key, parent = where[-1], where[-2] if len(where) > 1 else None
+        if parent == "measurements" and isinstance(key, str):
+            message = f"expected a float, found the integer {_short(number)}, which does not fit in 64 bits"
+        elif key in ("frame", "death_frame"):
+            message = f"expected a non-negative integer that fits in 64 bits, found {_short(number)}"
+        elif key == "confidence":
+            # The walker's words for a confidence out of bounds.
+            message = f"expected a number {'>= 0' if number < 0 else '<= 1'}, found {_short(number)}"
+        else:
+            continue
+        text = json_path(*where)
+        if text not in seen:
+            out.append((text, message))
+    return out
+
+
+def _wide_ints(value: Any, path: tuple[str | int, ...]) -> Iterator[tuple[tuple[str | int, ...], int]]:
+    # (path, integer) for every integer outside int64 in a JSON value.
+    if value.__class__ is int:
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            yield path, value
+    elif value.__class__ is dict:
+        for k, v in value.items():
+            yield from _wide_ints(v, (*path, k))
+    elif value.__class__ is list:
+        for k, v in enumerate(value):
+            yield from _wide_ints(v, (*path, k))
+
+
+def _wide_int_embryos(columns: tuple[Any, ...], owner: np.ndarray) -> set[int]:
+    """Embryos with a frame, confidence or measurement beyond 64 bits."""
+    _, _, _, confs, frames, _, keys, _ = columns
+    rows = {
+        i
+        for column in (confs, frames, *keys.values())
+        for i, v in enumerate(column)
+        if v.__class__ is int and not _INT64_MIN <= v <= _INT64_MAX
+    }
+    return {int(owner[i]) for i in rows}
 
 
 def _scrub(objs: list[Any], positions: list[int], placeholder: Any) -> list[Any]:

@@ -451,6 +451,92 @@ RULES: list[tuple[str, Callable[[dict[str, Any]], Any], str, str]] = [
         '$.flags.experiment["20240411"][1].value',
         "flag 'PROTOCOL_DEVIATION' occurs twice",
     ),
+    # integers beyond 64 bits (Python ints of a document built in memory; the
+    # table holds int64 and float64) are problems, never a crash
+    (
+        "phenotype-confidence-10**30",
+        lambda d: snip(d)["phenotype"].update(confidence=10**30),
+        f"{SNIP1}.phenotype.confidence",
+        "expected a number <= 1, found 1000000000000000000000000000000",
+    ),
+    (
+        "phenotype-confidence-10**400",
+        lambda d: snip(d)["phenotype"].update(confidence=10**400),
+        f"{SNIP1}.phenotype.confidence",
+        "expected a number <= 1, found 1000000000",
+    ),
+    (
+        "frame-2**70",
+        lambda d: snip(d).update(frame=2**70),
+        f"{SNIP1}.frame",
+        "expected a non-negative integer that fits in 64 bits, found 1180591620717411303424",
+    ),
+    (
+        "frame-minus-2**70",
+        lambda d: snip(d).update(frame=-(2**70)),
+        f"{SNIP1}.frame",
+        "expected a number >= 0, found -1180591620717411303424",
+    ),
+    (
+        "frame-10**400",
+        lambda d: snip(d).update(frame=10**400),
+        f"{SNIP1}.frame",
+        "expected a non-negative integer that fits in 64 bits, found 1000000000",
+    ),
+    (
+        "death-frame-2**70",
+        lambda d: d["embryos"][E2].update(death_frame=2**70),
+        f'$.embryos["{E2}"].death_frame',
+        "expected a non-negative integer that fits in 64 bits, found 1180591620717411303424",
+    ),
+    (
+        "death-frame-10**400",
+        lambda d: d["embryos"][E2].update(death_frame=10**400),
+        f'$.embryos["{E2}"].death_frame',
+        "expected a non-negative integer that fits in 64 bits, found 1000000000",
+    ),
+    (
+        "measurement-10**400",
+        lambda d: snip(d)["measurements"].update(area_um2=10**400),
+        f"{SNIP1}.measurements.area_um2",
+        "expected a float, found the integer 1000000000",
+    ),
+    (
+        "new-measurement-key-2**70",
+        lambda d: snip(d)["measurements"].update(volume_um3=2**70),
+        f"{SNIP1}.measurements.volume_um3",
+        "expected a float, found the integer 1180591620717411303424, which does not fit in 64 bits",
+    ),
+    (
+        "genotype-confidence-10**30",
+        lambda d: d["embryos"][E1]["genotype"].update(confidence=10**30),
+        f'$.embryos["{E1}"].genotype.confidence',
+        "expected a number <= 1, found 1000000000000000000000000000000",
+    ),
+    (
+        "genotype-confidence-10**400",
+        lambda d: d["embryos"][E1]["genotype"].update(confidence=10**400),
+        f'$.embryos["{E1}"].genotype.confidence',
+        "expected a number <= 1, found 1000000000",
+    ),
+    (
+        "snip-flag-confidence-10**400",
+        lambda d: snip(d)["flags"][0].update(confidence=10**400),
+        f"{SNIP1}.flags[0].confidence",
+        "expected a number <= 1, found 1000000000",
+    ),
+    (
+        "embryo-flag-confidence-10**400",
+        lambda d: d["embryos"][E2]["flags"][0].update(confidence=10**400),
+        f'$.embryos["{E2}"].flags[0].confidence',
+        "expected a number <= 1, found 1000000000",
+    ),
+    (
+        "store-flag-confidence-10**400",
+        lambda d: d["flags"]["experiment"]["20240411"][0].update(confidence=10**400),
+        '$.flags.experiment["20240411"][0].confidence',
+        "expected a number <= 1, found 1000000000",
+    ),
 ]
 
 
@@ -504,6 +590,94 @@ FILE_RULES: list[tuple[str, Callable[[dict[str, Any]], Any], str, str]] = [
         f"{SNIP1}.phenotype.notes",
         "expected string, found number 1.5",
     ),
+    # integers beyond 64 bits
+    (
+        "phenotype-confidence-2**63",
+        lambda d: snip(d)["phenotype"].update(confidence=2**63),
+        f"{SNIP1}.phenotype.confidence",
+        "expected a number <= 1, found 9223372036854775808",
+    ),
+    (
+        "phenotype-confidence-10**30",  # read as the float 1e30
+        lambda d: snip(d)["phenotype"].update(confidence=10**30),
+        f"{SNIP1}.phenotype.confidence",
+        "confidence must be within [0, 1], found 1e+30",
+    ),
+    (
+        "frame-2**63",
+        lambda d: snip(d).update(frame=2**63),
+        f"{SNIP1}.frame",
+        "expected a non-negative integer that fits in 64 bits, found 9223372036854775808",
+    ),
+    (
+        "frame-2**64-1",
+        lambda d: snip(d).update(frame=2**64 - 1),
+        f"{SNIP1}.frame",
+        "expected a non-negative integer that fits in 64 bits, found 18446744073709551615",
+    ),
+    (
+        "frame-2**70",  # read as a float
+        lambda d: snip(d).update(frame=2**70),
+        f"{SNIP1}.frame",
+        "expected integer, found number 1.1805916207174113e+21",
+    ),
+    (
+        "frame-2**63-robust-path",
+        lambda d: (
+            snip(d).update(frame=2**63),
+            snip(d, E4, f"{E4}_007").update(unexpected=1),
+        ),
+        f"{SNIP1}.frame",
+        "expected a non-negative integer that fits in 64 bits, found 9223372036854775808",
+    ),
+    (
+        "death-frame-2**63",
+        lambda d: d["embryos"][E2].update(death_frame=2**63),
+        f'$.embryos["{E2}"].death_frame',
+        "expected a non-negative integer that fits in 64 bits, found 9223372036854775808",
+    ),
+    (
+        "death-frame-2**70",
+        lambda d: d["embryos"][E2].update(death_frame=2**70),
+        f'$.embryos["{E2}"].death_frame',
+        "expected null or frame, found 1.1805916207174113e+21",
+    ),
+    (
+        "measurement-2**63",
+        lambda d: snip(d)["measurements"].update(area_um2=2**63),
+        f"{SNIP1}.measurements.area_um2",
+        "expected a float, found the integer 9223372036854775808, which does not fit in 64 bits",
+    ),
+    (
+        "genotype-confidence-10**30",
+        lambda d: d["embryos"][E1]["genotype"].update(confidence=10**30),
+        f'$.embryos["{E1}"].genotype.confidence',
+        "expected a number <= 1, found 1e+30",
+    ),
+    (
+        "genotype-confidence-2**64-1",
+        lambda d: d["embryos"][E1]["genotype"].update(confidence=2**64 - 1),
+        f'$.embryos["{E1}"].genotype.confidence',
+        "expected a number <= 1, found 18446744073709551615",
+    ),
+    (
+        "snip-flag-confidence-10**30",
+        lambda d: snip(d)["flags"][0].update(confidence=10**30),
+        f"{SNIP1}.flags[0].confidence",
+        "expected a number <= 1, found 1e+30",
+    ),
+    (
+        "embryo-flag-confidence-10**30",
+        lambda d: d["embryos"][E2]["flags"][0].update(confidence=10**30),
+        f'$.embryos["{E2}"].flags[0].confidence',
+        "expected a number <= 1, found 1e+30",
+    ),
+    (
+        "store-flag-confidence-2**63",
+        lambda d: d["flags"]["experiment"]["20240411"][0].update(confidence=2**63),
+        '$.flags.experiment["20240411"][0].confidence',
+        "expected a number <= 1, found 9223372036854775808",
+    ),
 ]
 
 
@@ -525,6 +699,22 @@ def test_each_rule_is_reported_when_reading_a_file(
     assert any(p == path and fragment in m for p, m in problems), problems
     assert path in str(info.value)
     assert sorted(validate_store(file)) == sorted(problems)
+
+
+def test_integer_too_large_for_a_float_in_a_file_is_a_json_error(
+    minimal_doc, tmp_path: Path
+) -> None:
+    # orjson refuses it while parsing, so it never reaches the checks; in
+    # memory it is a problem with its path (see RULES).
+    snip(minimal_doc)["measurements"]["area_um2"] = 10**400
+    file = tmp_path / "bad.json"
+    file.write_text(json.dumps(minimal_doc, indent=2))
+    with pytest.raises(StoreFormatError) as info:
+        read_store(file)
+    [(path, message)] = info.value.problems
+    assert path == "$"
+    assert "is not valid JSON: number is infinity when parsed as double" in message
+    assert "at line 59, column 25" in message
 
 
 def test_all_problems_are_reported_at_once(minimal_doc, tmp_path: Path) -> None:
