@@ -20,6 +20,7 @@ import hashlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -136,11 +137,7 @@ def run_assign(args: argparse.Namespace) -> int:
 
     store, table = _load(args)
     with runtime(args):
-        snips = pipeline.snips_from_store(store, npartitions=args.npartitions)
-        changes = pipeline.assign_phenotypes(
-            snips, table, author=args.author, on_existing=args.on_existing,
-            overwrite_dead=args.overwrite_dead, vocabulary=store.vocabulary,
-        )
+        changes = _phenotype_changes(store, table, args)
         with checkpoint_notes(args):
             report = pipeline.merge_into_store(
                 store, changes, dry_run=args.dry_run, checkpoint_every=args.checkpoint_every,
@@ -149,6 +146,36 @@ def run_assign(args: argparse.Namespace) -> int:
                         "assignments_sha256": file_digest(args.assignments)},
             )
     return _finish(args, report)
+
+
+def _phenotype_changes(store: Any, table: pd.DataFrame, args: argparse.Namespace) -> Any:
+    """The change set: lazy for a checkpointed run, else computed, with the snip table released.
+
+    A checkpointed merge computes partitions as it commits them, so it needs
+    the lazy frame. Otherwise the change set is computed here, in the same
+    "merge" stage the merge would use, and the flattened snip table it was
+    computed from (the store's cached table and the graph's pieces of it,
+    about 300 MB at 1M snips) is let go before the document grows with the
+    batch: the merge needs only the document.
+    """
+    import pyarrow as pa
+
+    import pipeline
+    from pipeline.cluster import compute
+
+    snips = pipeline.snips_from_store(store, npartitions=args.npartitions)
+    changes = pipeline.assign_phenotypes(
+        snips, table, author=args.author, on_existing=args.on_existing,
+        overwrite_dead=args.overwrite_dead, vocabulary=store.vocabulary,
+    )
+    if args.checkpoint_every:
+        return changes
+    del snips
+    computed = compute(changes, stage="merge")
+    del changes
+    store.invalidate()
+    pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed memory otherwise
+    return computed
 
 
 def run_genotypes(args: argparse.Namespace) -> int:
