@@ -455,11 +455,20 @@ def _embryo_shape_ok(e: dict[str, Any]) -> bool:
         if any(g.get(k, "").__class__ is not str for k in ("allele", "zygosity", "notes")):
             return False
     treatments = e["treatments"]
-    if treatments.__class__ is not list or not all(
-        t.__class__ is dict and _PHENO_REQUIRED <= t.keys() <= _TREAT_KEYS and t["value"].__class__ is str for t in treatments
-    ):
+    if treatments.__class__ is not list or not all(map(_treatment_shape_ok, treatments)):
         return False
     return _flags_shape_ok(e["flags"])
+
+
+def _treatment_shape_ok(t: Any) -> bool:
+    if t.__class__ is not dict or not (_PHENO_REQUIRED <= t.keys() <= _TREAT_KEYS):
+        return False
+    if t["value"].__class__ is not str or t.get("notes", "").__class__ is not str:
+        return False
+    # Numbers as the schema has them: not booleans.
+    return t.get("temperature_celsius", 0.0).__class__ in (int, float) and t.get(
+        "concentration", 0.0
+    ).__class__ in (int, float, str)
 
 
 def _reserved_measurement_problems(embryo: Any, embryo_id: str, found: list[Problem]) -> list[Problem]:

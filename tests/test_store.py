@@ -590,6 +590,23 @@ FILE_RULES: list[tuple[str, Callable[[dict[str, Any]], Any], str, str]] = [
         f"{SNIP1}.phenotype.notes",
         "expected string, found number 1.5",
     ),
+    # treatment fields of an otherwise sound embryo
+    *[
+        (
+            f"treatment-{key}-{label}",
+            lambda d, key=key, value=value: d["embryos"][E1]["treatments"].append(
+                {"value": "DMSO", "author": "a", "timestamp": "2026-01-05T10:00:00+00:00", key: value}
+            ),
+            f'$.embryos["{E1}"].treatments[0].{key}',
+            message,
+        )
+        for key, label, value, message in [
+            ("notes", "float", 1.5, "expected string, found number 1.5"),
+            ("temperature_celsius", "string", "hot", "expected number, found string 'hot'"),
+            ("temperature_celsius", "boolean", True, "expected number, found boolean True"),
+            ("concentration", "array", [1], "expected number or string, found array [1]"),
+        ]
+    ],
     # integers beyond 64 bits
     (
         "phenotype-confidence-2**63",
