@@ -1,4 +1,4 @@
-"""Reading a store file without holding its bytes and its parse at once.
+"""Reading and writing a store file without holding its bytes and its parse at once.
 
 ``orjson.loads`` of a whole file needs the file's bytes, the parser's own tree
 of them and the Python objects it builds, all at the same time: about 5.3x the
@@ -13,11 +13,16 @@ between tokens, never inside a string. In the two-space layout a line that
 starts with exactly four spaces and a quote, after a comma, starts the next
 member of a depth-2 object, and the first line that is two spaces and ``}``
 after ``"embryos": {`` closes it. Every piece must parse on its own as a JSON
-object, and the file without its embryos must parse to an object whose
-``"embryos"`` is empty, with ``"embryos"`` a key of the top-level object; anything else (another layout, a legacy file, a syntax
-error anywhere) falls back to one whole-file parse, which also gives the
-precise error. The document is then checked as a whole by the store's
-validation, as any parse is.
+object, ``"embryos"`` must be a key of the top-level object, and the file
+without its embryos must parse to an object whose ``"embryos"`` is empty;
+anything else (another layout, a legacy file, a syntax error anywhere) falls
+back to one whole-file parse, which also gives the precise error. The
+document is then checked as a whole by the store's validation, as any parse
+is.
+
+Writing is the mirror image: :func:`dump_chunks` serialises the embryos a
+group at a time, each group at its depth in the file, and the pieces join to
+exactly what one ``orjson.dumps`` of the document gives.
 """
 
 from __future__ import annotations
