@@ -197,3 +197,40 @@ def test_what_follows_the_embryos(store_file: Path, tmp_path: Path, block: int, 
     streamed = _load_streamed(path, block)
     assert streamed == doc
     assert list(streamed) == list(doc)
+
+
+# ----------------------------------------------------- the command's own process
+def test_parse_file_can_freeze_what_it_parsed(store_file: Path) -> None:
+    import gc
+
+    from pipeline.store import _parse_file
+
+    gc.unfreeze()
+    try:
+        doc = _parse_file(store_file, freeze=True)
+        assert gc.get_freeze_count() > 0
+        assert doc == orjson.loads(store_file.read_bytes())
+    finally:
+        gc.unfreeze()
+    assert _parse_file(store_file) == doc
+    assert gc.get_freeze_count() == 0
+
+
+def test_only_the_program_freezes_parsed_stores(store_file: Path) -> None:
+    import subprocess
+    import sys
+
+    from pipeline import store
+    from pipeline.cli import main
+
+    # Called with arguments (from Python, tests, notebooks): never.
+    assert main(["info", str(store_file)]) == 0
+    assert store._FREEZE_PARSED is False
+    # Run as the program: the store it reads is frozen.
+    code = (
+        "import gc, sys; from pipeline.cli import main; from pipeline import store; "
+        f"sys.argv = ['embryo-pipeline', 'info', {str(store_file)!r}]; rc = main(); "
+        "print(rc, store._FREEZE_PARSED, gc.get_freeze_count() > 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "0 True True"
