@@ -105,21 +105,22 @@ _ENTRIES_PER_PIECE = 4096
 
 
 def _line_pieces(record: dict[str, Any]) -> Iterator[bytes]:
-    """The record's line in pieces, so a batch of many entries is never one huge bytes object.
+    """The record's line in pieces, so a batch of many changes is never one huge bytes object.
 
     Compact JSON has no whitespace, so ``[a,b]`` is ``"[" + "a" + "," + "b" +
-    "]"``: the entries are serialised a group at a time and spliced into the
-    record's own serialisation, byte for byte what one ``orjson.dumps`` gives.
+    "]"``: the ``changes`` entries (see :func:`batch_record`) are serialised a
+    group at a time and spliced into the record's own serialisation, byte for
+    byte what one ``orjson.dumps`` gives.
     """
     options = orjson.OPT_SERIALIZE_NUMPY
-    entries = record.get("entries")
+    entries = record.get("changes")
     if not isinstance(entries, list) or len(entries) <= _ENTRIES_PER_PIECE:
         yield orjson.dumps(record, option=options | orjson.OPT_APPEND_NEWLINE)
         return
-    skeleton = orjson.dumps({**record, "entries": []}, option=options | orjson.OPT_APPEND_NEWLINE)
+    skeleton = orjson.dumps({**record, "changes": []}, option=options | orjson.OPT_APPEND_NEWLINE)
     # A quote inside a string is escaped, so this can only be a key; if it
     # also names a nested key, write the line in one piece.
-    mark = b'"entries":[]'
+    mark = b'"changes":[]'
     if skeleton.count(mark) != 1:
         yield orjson.dumps(record, option=options | orjson.OPT_APPEND_NEWLINE)
         return
