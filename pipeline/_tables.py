@@ -314,7 +314,7 @@ def _extract_fast(snip_objs: list[Any]) -> tuple[Any, ...] | None:
 
 
 class _Absent:
-    """Stands for a measurement key a snip does not have (a type of its own)."""
+    """Stands for a key a snip does not have (a measurement, a phenotype's notes): a type of its own."""
 
 
 _ABSENT = _Absent()

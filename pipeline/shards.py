@@ -57,6 +57,7 @@ from pipeline._atomic import (
     fsync_dir,
     store_lock,
 )
+from pipeline._jsonfile import DUMP_OPTIONS
 from pipeline._jsonschema import check, store_schema
 from pipeline._tables import Tables, build_tables
 from pipeline.errors import MergeConflictError, StoreFormatError
@@ -86,7 +87,7 @@ __all__ = [
 
 INDEX = "store.json"
 JOURNAL = "journal.json"
-_DUMP = orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE
+_DUMP = DUMP_OPTIONS  # the single-file layout: shards read and write the same way
 
 
 def is_sharded(path: str | os.PathLike[str]) -> bool:
