@@ -62,6 +62,8 @@ class Tables:
     snips: pd.DataFrame
     problems: list[Problem] = field(default_factory=list)
     measurement_keys: list[str] = field(default_factory=list)
+    #: Whether ``snips`` is known to be sorted by its index (set by the store).
+    sorted: bool = False
 
 
 def _vocab_sets(vocab: dict[str, Any]) -> dict[str, Any]:

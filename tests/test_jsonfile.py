@@ -203,15 +203,18 @@ def test_what_follows_the_embryos(store_file: Path, tmp_path: Path, block: int, 
 def test_parse_file_can_freeze_what_it_parsed(store_file: Path) -> None:
     import gc
 
-    from pipeline.store import _parse_file
+    from pipeline.store import _KEPT, _parse_file
 
     gc.unfreeze()
     try:
         doc = _parse_file(store_file, freeze=True)
         assert gc.get_freeze_count() > 0
         assert doc == orjson.loads(store_file.read_bytes())
+        assert len(_KEPT) == 1
+        assert _KEPT[0] is doc  # not freed when the command returns
     finally:
         gc.unfreeze()
+        _KEPT.clear()
     assert _parse_file(store_file) == doc
     assert gc.get_freeze_count() == 0
 
@@ -226,11 +229,29 @@ def test_only_the_program_freezes_parsed_stores(store_file: Path) -> None:
     # Called with arguments (from Python, tests, notebooks): never.
     assert main(["info", str(store_file)]) == 0
     assert store._FREEZE_PARSED is False
-    # Run as the program: the store it reads is frozen.
+    # Run as the program: the store it reads is frozen and kept, and the
+    # process ends with os._exit once the exit handlers ran (main never returns).
     code = (
-        "import gc, sys; from pipeline.cli import main; from pipeline import store; "
-        f"sys.argv = ['embryo-pipeline', 'info', {str(store_file)!r}]; rc = main(); "
-        "print(rc, store._FREEZE_PARSED, gc.get_freeze_count() > 0)"
+        "import atexit, gc, sys; from pipeline.cli import main; from pipeline import store; "
+        "atexit.register(lambda: print('exit handlers ran', store._FREEZE_PARSED, "
+        "gc.get_freeze_count() > 0, len(store._KEPT))); "
+        f"sys.argv = ['embryo-pipeline', 'info', {str(store_file)!r}]; main(); "
+        "print('main returned')"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == "0 True True"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "experiments" in done.stdout  # the command's own output was flushed
+    assert done.stdout.strip().splitlines()[-1] == "exit handlers ran True True 1"
+    assert "main returned" not in done.stdout
+
+
+def test_the_program_exits_with_the_command_status(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema_version": 1}')
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "validate", str(bad)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 1
+    assert "embryos" in done.stdout + done.stderr

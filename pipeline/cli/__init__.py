@@ -62,7 +62,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline import store
 
         store._FREEZE_PARSED = True
+        _exit(run_command(args))
     return run_command(args)
+
+
+def _exit(status: int) -> None:
+    """End the program without tearing its heap down object by object.
+
+    Once a command has returned, everything it wrote is closed and fsynced.
+    What remains is freeing the parsed store (tens of millions of objects, 0.6 s
+    at 1M snips) and the modules, which no one waits for. The exit handlers
+    still run (closing clusters and child processes, logging), the standard
+    streams are flushed, and the process ends with ``os._exit``.
+    """
+    import atexit
+    import contextlib
+    import os
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can reach it
+            stream.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":  # pragma: no cover
