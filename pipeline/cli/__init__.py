@@ -62,7 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline import store
 
         store._FREEZE_PARSED = True
-        _exit(run_command(args))
+        status = run_command(args)
+        if sys.getprofile() is None and sys.gettrace() is None:  # not under a profiler or debugger
+            _exit(status)
+        return status
     return run_command(args)
 
 
