@@ -419,7 +419,7 @@ def _write_batch(
             # while nothing can be freed (as when parsing it).
             with paused_gc():
                 if kind == "phenotype":
-                    _apply_phenotypes(store, writes, log, undo_ops, force)
+                    dead_touched, frames = _apply_phenotypes(store, writes, log, undo_ops, force)
                 elif kind == "genotype":
                     _apply_genotypes(store, writes, log, undo_ops, force)
                 elif kind == "measurement":
@@ -439,7 +439,7 @@ def _write_batch(
                 # Only phenotype entries and death_frame changed: check those
                 # (the written entries and the DEAD invariants of the touched
                 # embryos) instead of rebuilding the touched embryos' tables.
-                _check_phenotype_batch(store, writes, _touched_embryos(log))
+                _check_phenotype_batch(store, writes, dead_touched, frames)
             elif kind != "flag":
                 # Flag entries were checked one by one as they were built
                 # (vocabulary, severity, author, confidence): re-checking every
@@ -873,24 +873,26 @@ def merge_many(
         try:
             dead_rules: set[str] = set()
             rebuilt: set[str] = set()
-            for k, w in zip(kinds, writes, strict=True):
+            frames_of: dict[int, np.ndarray] = {}
+            for i, (k, w) in enumerate(zip(kinds, writes, strict=True)):
                 if not len(w):
                     continue
                 start = len(log)
                 if k == "phenotype":
-                    _apply_phenotypes(store, w, log, undo_ops, force)
+                    touched_dead, frames_of[i] = _apply_phenotypes(store, w, log, undo_ops, force)
+                    dead_rules |= touched_dead
                 else:
                     _apply_genotypes(store, w, log, undo_ops, force)
-                (dead_rules if k == "phenotype" else rebuilt).update(_touched_embryos(log[start:]))
+                    rebuilt.update(_touched_embryos(log[start:]))
             if not log:
                 store.invalidate()
                 return report
             store.invalidate()
             # Phenotype sets: their entries and the DEAD rules of their embryos
             # (as merge_into_store); genotype changes: the full embryo check.
-            for k, w in zip(kinds, writes, strict=True):
+            for i, (k, w) in enumerate(zip(kinds, writes, strict=True)):
                 if k == "phenotype" and len(w):
-                    _check_phenotype_batch(store, w, dead_rules)
+                    _check_phenotype_batch(store, w, dead_rules, frames_of[i])
                     dead_rules = set()
             if rebuilt:
                 store.check_embryos(rebuilt)
@@ -973,8 +975,16 @@ def _touched_embryos(log: list[list[Any]]) -> set[str]:
     return touched
 
 
-def _check_phenotype_batch(store: Store, writes: pd.DataFrame, embryo_ids: set[str]) -> None:
+def _check_phenotype_batch(
+    store: Store, writes: pd.DataFrame, embryo_ids: set[str], frames: np.ndarray | None = None
+) -> None:
     """Check what a phenotype batch changed: its entries and the DEAD rules of its embryos.
+
+    Every snip of the embryos in *embryo_ids* is checked against its embryo's
+    death frame. With *frames* (the written snips' frames, from
+    :func:`_apply_phenotypes`), the written snips of the other embryos are
+    checked too, over whole arrays: in an embryo whose DEAD snips the batch
+    left alone, only a written snip can break the rule.
 
     Raises
     ------
@@ -1002,6 +1012,20 @@ def _check_phenotype_batch(store: Store, writes: pd.DataFrame, embryo_ids: set[s
     for i in np.flatnonzero((conf < 0) | (conf > 1)):
         problems.append((where(i, "confidence"), f"confidence must be within [0, 1], found {conf[i]}"))
     embryos = store.embryos
+    if frames is not None and len(writes):
+        codes, uniques = pd.factorize(writes["embryo_id"])
+        never = np.iinfo(np.int64).max
+        deaths = np.array(
+            [never if e in embryo_ids or embryos[e]["death_frame"] is None else embryos[e]["death_frame"] for e in uniques],
+            dtype=np.int64,
+        )
+        after = (frames > deaths[codes]) & (values != "DEAD").to_numpy(dtype=bool, na_value=True)
+        for i in np.flatnonzero(after):
+            death = deaths[codes[i]]
+            problems.append((
+                where(i, "value"),
+                f"{values.iat[i]!r} after death at frame {death}: DEAD is permanent and must fill forward",
+            ))
     for eid in sorted(embryo_ids):
         embryo = embryos[eid]
         death = embryo["death_frame"]
@@ -1019,7 +1043,19 @@ def _check_phenotype_batch(store: Store, writes: pd.DataFrame, embryo_ids: set[s
         raise StoreFormatError(_format_problems(problems, where_), problems=problems, path=where_)
 
 
-def _apply_phenotypes(store: Store, writes: pd.DataFrame, log: list[list[Any]], undo_ops: list[Callable[[], None]], force: bool) -> None:
+def _apply_phenotypes(
+    store: Store, writes: pd.DataFrame, log: list[list[Any]], undo_ops: list[Callable[[], None]], force: bool
+) -> tuple[set[str], np.ndarray]:
+    """Write a phenotype change set into the document; see :func:`_write_batch`.
+
+    Returns
+    -------
+    set of str, numpy.ndarray
+        The embryos whose DEAD snips the batch touched (a DEAD value written
+        or overwritten: their ``death_frame`` was recomputed and all their
+        snips need the DEAD check), and the frame of each written snip (for
+        :func:`_check_phenotype_batch`).
+    """
     sids = writes["snip_id"].to_numpy(dtype=object)
     emb = writes["embryo_id"].to_numpy(dtype=object)
     embryos = store.embryos
@@ -1030,8 +1066,8 @@ def _apply_phenotypes(store: Store, writes: pd.DataFrame, log: list[list[Any]], 
     except KeyError as err:
         msg = f"the change set names {err} which is not in the store; was it computed from another store?"
         raise MergeConflictError(msg) from None
+    current = np.array([s["phenotype"]["value"] for s in snip_objs], dtype=object)
     if not force:
-        current = np.array([s["phenotype"]["value"] for s in snip_objs], dtype=object)
         stale = current != writes["old_value"].to_numpy(dtype=object)
         if stale.any():
             bad = writes.loc[stale, ["snip_id", "old_value"]].assign(now=current[stale])
@@ -1062,8 +1098,14 @@ def _apply_phenotypes(store: Store, writes: pd.DataFrame, log: list[list[Any]], 
     for snip, entry in zip(snip_objs, entries, strict=True):
         snip["phenotype"] = entry
     log.extend(["snip", sid, "phenotype", before, entry] for sid, before, entry in zip(sids, befores, entries, strict=True))
-    # death_frame is a cache of the snips: recompute it for touched embryos.
-    for eid in pd.unique(emb):
+    frames = np.array(
+        [f if (f := snip.get("frame")) is not None else _frame_of(sid, snip) for sid, snip in zip(sids, snip_objs, strict=True)],
+        dtype=np.int64,
+    )
+    # death_frame is a cache of the DEAD snips: recompute it for the embryos
+    # where a DEAD value was written or overwritten (no other can change).
+    dead_touched = set(pd.unique(emb[(values == "DEAD") | (current == "DEAD")]).tolist())
+    for eid in (e for e in pd.unique(emb).tolist() if e in dead_touched):  # in order of the writes
         embryo = embryos[eid]
         dead = [_frame_of(sid, s) for sid, s in embryo["snips"].items() if s["phenotype"]["value"] == "DEAD"]
         new_death = min(dead) if dead else None
@@ -1072,6 +1114,7 @@ def _apply_phenotypes(store: Store, writes: pd.DataFrame, log: list[list[Any]], 
             embryo["death_frame"] = new_death
             log.append(["embryo", eid, "death_frame", before, new_death])
             undo_ops.append(lambda embryo=embryo, before=before: embryo.__setitem__("death_frame", before))
+    return dead_touched, frames
 
 
 def _shared_objects(column: pd.Series) -> np.ndarray:

@@ -22,6 +22,7 @@ import pytest
 import pipeline
 from pipeline import changelog
 from pipeline._atomic import backup_dir
+from pipeline._jsonschema import json_path
 from pipeline.errors import (
     MergeConflictError,
     PipelineError,
@@ -612,3 +613,22 @@ def test_in_memory_store_merges_without_a_file():
     assert {s["phenotype"]["value"] for s in store.embryos[eid]["snips"].values()} == {
         "TBD"
     }
+
+
+def test_written_snips_of_embryos_without_dead_writes_are_checked_against_their_death_frame(store_path):
+    # Only a written snip can break the DEAD rule in an embryo whose DEAD
+    # snips a batch leaves alone: those are checked over whole arrays. The
+    # death frame is corrupted by hand here (as a script editing store.doc
+    # might) so that the check has something to find.
+    store = pipeline.read_store(store_path)
+    eid = first_live_embryo(store)
+    before = store_path.read_bytes()
+    changes = phenotype_changes(store, [{"embryo_id": eid, "phenotype": "EDEMA", "frames": "last"}]).compute()
+    assert (changes["old_value"] != "DEAD").all()
+    store.embryos[eid]["death_frame"] = int(changes["frame"].iat[0]) - 1
+    with pytest.raises(StoreFormatError, match="after death at frame") as err:
+        pipeline.merge_into_store(store, changes)
+    assert [p for p, _ in err.value.problems] == [
+        json_path("embryos", eid, "snips", changes["snip_id"].iat[0], "phenotype", "value")
+    ]
+    assert store_path.read_bytes() == before
