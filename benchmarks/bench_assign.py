@@ -38,6 +38,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
+from _installed import byte_compile_package
 
 HERE = Path(__file__).parent
 DATA = HERE / "data"
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     ensure_inputs()
+    byte_compile_package()
     size = STORE.stat().st_size
     py = sys.executable
     runs = {"floor": [py, "-c", FLOOR, "{store}"]}

@@ -37,6 +37,7 @@ from pathlib import Path
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
+from _installed import byte_compile_package
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
@@ -116,6 +117,7 @@ def main() -> None:
         help="keep the outputs in benchmarks/data/export-*",
     )
     args = parser.parse_args()
+    byte_compile_package()
 
     ensure_store(args.store)
     import pipeline
