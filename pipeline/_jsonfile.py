@@ -27,6 +27,7 @@ exactly what one ``orjson.dumps`` of the document gives.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from itertools import islice
@@ -35,7 +36,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["load_json_file", "dump_chunks", "DUMP_OPTIONS"]
+__all__ = ["load_json_file", "stream_embryos", "dump_chunks", "DUMP_OPTIONS", "OtherLayout"]
 
 #: How store files are written: orjson, two-space indent, a final newline.
 DUMP_OPTIONS = orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE
@@ -52,7 +53,7 @@ _MAX_HEAD = 1 << 24
 BLOCK = 16 << 20
 
 
-class _OtherLayout(Exception):
+class OtherLayout(Exception):
     """The file is not in the layout the streamed reader follows."""
 
 
@@ -81,7 +82,7 @@ def load_json_file(path: Path, *, block: int = BLOCK) -> Any:
     if path.stat().st_size > block:
         try:
             return _load_streamed(path, block)
-        except (_OtherLayout, orjson.JSONDecodeError):
+        except (OtherLayout, orjson.JSONDecodeError):
             pass
     return orjson.loads(path.read_bytes())
 
@@ -94,21 +95,59 @@ def _depth(text: bytes) -> int:
 
 def _load_streamed(path: Path, block: int) -> dict[str, Any]:
     embryos: dict[str, Any] = {}
+    found: dict[str, Any] = {}
+    for piece in stream_embryos(path, block, found):
+        embryos.update(piece)
+    doc = found["rest"]
+    doc["embryos"] = embryos
+    return doc
+
+
+def stream_embryos(path: Path, block: int, found: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Parse the ``"embryos"`` of a store file in our layout a few at a time.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The file.
+    block : int
+        Bytes read at a time.
+    found : dict
+        Receives ``"stat"`` (``os.stat_result`` of the file read) and
+        ``"head"`` (the members before the embryos, ``"embryos"`` empty) as
+        soon as the first piece is ready, and ``"rest"`` (every member but
+        the embryos, ``"embryos"`` empty) once the pieces are exhausted.
+
+    Yields
+    ------
+    dict
+        Consecutive pieces of the ``"embryos"`` object, in file order.
+
+    Raises
+    ------
+    OtherLayout
+        If the file is not in the layout this reader follows (at any point,
+        possibly after some pieces were yielded).
+    orjson.JSONDecodeError
+        If a piece that must be JSON is not.
+    """
     with open(path, "rb", buffering=0) as f:
+        found["stat"] = os.fstat(f.fileno())
         buf = bytearray(block)
         filled = f.readinto(buf) or 0
         # The top-level members before "embryos" are small; read on until it.
         while (at := buf.find(_OPEN, 0, filled)) < 0 or filled <= at + len(_OPEN):
             if filled < len(buf) or len(buf) >= _MAX_HEAD:
-                raise _OtherLayout
+                raise OtherLayout
             buf.extend(bytes(len(buf)))
             with memoryview(buf) as rest:
                 filled += f.readinto(rest[filled:]) or 0
         if buf[at + len(_OPEN)] == _BRACE_CLOSE:
-            raise _OtherLayout  # "embryos": {} : nothing to stream
+            raise OtherLayout  # "embryos": {} : nothing to stream
         head = bytes(buf[: at + len(_OPEN)])
         if _depth(head) != 2:
-            raise _OtherLayout  # "embryos" is not a key of the top-level object
+            raise OtherLayout  # "embryos" is not a key of the top-level object
+        found["head"] = orjson.loads(head + b"}}")
         # `start` is the byte just before the next piece: the object's "{" at
         # first, then the comma that ended the previous piece. Each piece is
         # parsed in place by overwriting that byte with "{" and the byte
@@ -127,18 +166,23 @@ def _load_streamed(path: Path, block: int) -> dict[str, Any]:
                 if cut > start:
                     buf[start], buf[cut] = _BRACE_OPEN, _BRACE_CLOSE
                     try:
-                        embryos.update(orjson.loads(view[start : cut + 1]))
-                        start = cut
+                        piece = orjson.loads(view[start : cut + 1])
                     except orjson.JSONDecodeError:
                         buf[cut] = _COMMA
                         ended = True
+                    else:
+                        start = cut
+                        yield piece
+                        del piece
                 if ended:
                     end = buf.find(_CLOSE, start, filled)
                     if end < 0:
-                        raise _OtherLayout  # no closing line: not our layout
+                        raise OtherLayout  # no closing line: not our layout
                     buf[start], buf[end] = _BRACE_OPEN, _BRACE_CLOSE
-                    embryos.update(orjson.loads(view[start : end + 1]))
+                    last = orjson.loads(view[start : end + 1])
                     tail = bytes(view[end + len(_CLOSE) : filled]) + f.read()
+                    yield last
+                    del last
                     break
                 # Keep the unparsed rest (from `start`) and read more after it.
                 rest = filled - start
@@ -154,11 +198,10 @@ def _load_streamed(path: Path, block: int) -> dict[str, Any]:
                 filled = rest + got
         finally:
             view.release()
-    doc = orjson.loads(head + b"}" + tail)
-    if not isinstance(doc, dict) or doc.get("embryos") != {}:
-        raise _OtherLayout
-    doc["embryos"] = embryos
-    return doc
+    rest = orjson.loads(head + b"}" + tail)
+    if not isinstance(rest, dict) or rest.get("embryos") != {}:
+        raise OtherLayout
+    found["rest"] = rest
 
 
 def dump_chunks(doc: Any, *, per_chunk: int = EMBRYOS_PER_CHUNK) -> Iterator[bytes | memoryview]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from operator import itemgetter
@@ -37,7 +37,7 @@ from pipeline import ids
 from pipeline._jsonschema import _short, check, json_path, store_schema
 from pipeline.schema import RESERVED_COLUMNS, SNIP_COLUMNS, SNIP_INDEX, STRING
 
-__all__ = ["Tables", "build_tables", "flags_table", "TIMESTAMP_PATTERN"]
+__all__ = ["Tables", "build_tables", "build_tables_streamed", "top_problems", "flags_table", "TIMESTAMP_PATTERN"]
 
 TIMESTAMP_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$"
 
@@ -64,6 +64,11 @@ class Tables:
     measurement_keys: list[str] = field(default_factory=list)
     #: Whether ``snips`` is known to be sorted by its index (set by the store).
     sorted: bool = False
+    #: Embryos in the document (sound or not), and the experiments and
+    #: videos of the sound ones: counts without the document.
+    n_embryos: int = 0
+    experiments: set[str] = field(default_factory=set)
+    videos: set[str] = field(default_factory=set)
 
 
 def _vocab_sets(vocab: dict[str, Any]) -> dict[str, Any]:
@@ -128,19 +133,94 @@ def build_tables(doc: dict[str, Any], vocab: dict[str, Any]) -> Tables:
         The snip table (index ``snip_id``, sorted) and every problem found, each
         ``(json_path, message)``. The table leaves out malformed embryos.
     """
-    problems: list[Problem] = []
-    schema = store_schema()
-    # Everything but the embryos is small: check it with the schema walker.
-    top = {k: v for k, v in doc.items() if k != "embryos"}
-    top_schema = dict(schema, required=[k for k in schema["required"] if k != "embryos"])
-    if not _walk(top, top_schema, (), problems):
-        problems.extend(_wide_int_problems(top, (), problems))
+    sets = _vocab_sets(vocab)
+    problems = top_problems(doc)
     embryos = doc.get("embryos")
     if not isinstance(embryos, dict):
         problems.append((json_path("embryos"), "expected an object of embryos keyed by embryo id"))
         embryos = {}
-    sets = _vocab_sets(vocab)
+    tables = _embryo_tables(embryos, sets)
+    tables.problems[:0] = problems
+    tables.problems.extend(_store_flag_checks(doc, sets))
+    return tables
 
+
+def top_problems(doc: dict[str, Any]) -> list[Problem]:
+    """Problems of everything but the embryos (small: checked by the schema walker)."""
+    problems: list[Problem] = []
+    schema = store_schema()
+    top = {k: v for k, v in doc.items() if k != "embryos"}
+    top_schema = dict(schema, required=[k for k in schema["required"] if k != "embryos"])
+    if not _walk(top, top_schema, (), problems):
+        problems.extend(_wide_int_problems(top, (), problems))
+    return problems
+
+
+def build_tables_streamed(
+    blocks: Iterator[dict[str, Any]], rest: Callable[[], dict[str, Any]], vocab: dict[str, Any]
+) -> Tables:
+    """Build the tables of a store read a block of embryos at a time.
+
+    Each block's Python objects can be freed as soon as its part of the table
+    is built, so the whole document is never in memory: only the table.
+
+    Parameters
+    ----------
+    blocks : iterator of dict
+        The ``"embryos"`` object in consecutive pieces, each ``{embryo_id: embryo}``.
+    rest : callable
+        Returns the document's other top-level members (``"embryos"``
+        empty); called once *blocks* is exhausted (in a file some members
+        may follow the embryos).
+    vocab : dict
+        The vocabulary in force.
+
+    Returns
+    -------
+    Tables
+        As :func:`build_tables` on the whole document (the same table and
+        problems; problems come block by block).
+
+    Raises
+    ------
+    ValueError
+        If an embryo id appears in two blocks (a JSON object with a repeated
+        key, which a whole-document parse resolves by keeping the last).
+    """
+    sets = _vocab_sets(vocab)
+    pieces: list[Tables] = []
+    embryo_ids: set[str] = set()
+    for block in blocks:
+        embryo_ids.update(block)
+        pieces.append(_embryo_tables(block, sets))
+        if len(embryo_ids) != sum(piece.n_embryos for piece in pieces):
+            msg = "an embryo id appears twice in the embryos object"
+            raise ValueError(msg)
+        del block
+    head = rest()
+    problems = top_problems(head)
+    problems.extend(p for piece in pieces for p in piece.problems)
+    problems.extend(_store_flag_checks(head, sets))
+    seen = sum(piece.n_embryos for piece in pieces)
+    experiments = set().union(*(piece.experiments for piece in pieces))
+    videos = set().union(*(piece.videos for piece in pieces))
+    keys = sorted(set().union(*(piece.measurement_keys for piece in pieces)))
+    frames = [piece.snips for piece in pieces]
+    pieces.clear()
+    if frames:
+        snips = pd.concat(frames) if len(frames) > 1 else frames[0]
+        frames.clear()
+        # A block without some measurement key leaves its rows missing (NaN).
+        snips = snips[[*SNIP_COLUMNS, *keys]]
+    else:
+        snips = _embryo_tables({}, sets).snips
+    tables = Tables(snips=snips, problems=problems, measurement_keys=keys)
+    tables.n_embryos, tables.experiments, tables.videos = seen, experiments, videos
+    return tables
+
+
+def _embryo_tables(embryos: dict[str, Any], sets: dict[str, Any]) -> Tables:
+    # The embryos' part of build_tables: their problems and their snip table.
     embryo_ids = list(embryos)
     embryo_objs = list(embryos.values())
     bad_embryos: set[int] = {
@@ -164,9 +244,9 @@ def build_tables(doc: dict[str, Any], vocab: dict[str, Any]) -> Tables:
     columns = _extract_fast(snip_objs)
     if columns is None:
         columns = _extract_robust(snip_objs, owner, bad_embryos)
-    args = (doc, sets, embryo_ids, embryo_objs, owner, snip_ids, columns)
+    args = (sets, embryo_ids, embryo_objs, owner, snip_ids, columns)
     try:
-        return _check_and_build(*args, set(bad_embryos), list(problems))
+        return _check_and_build(*args, set(bad_embryos), [])
     except (pa.ArrowInvalid, OverflowError):
         # An integer beyond 64 bits (a frame, confidence or measurement) fails
         # the table's Arrow conversions. That is rare, so it is looked for only
@@ -174,11 +254,10 @@ def build_tables(doc: dict[str, Any], vocab: dict[str, Any]) -> Tables:
         wide = _wide_int_embryos(columns, owner)
         if not wide:
             raise
-        return _check_and_build(*args, bad_embryos | wide, problems)
+        return _check_and_build(*args, bad_embryos | wide, [])
 
 
 def _check_and_build(
-    doc: dict[str, Any],
     sets: dict[str, Any],
     embryo_ids: list[str],
     embryo_objs: list[Any],
@@ -230,8 +309,15 @@ def _check_and_build(
         confs, frames, flag_lists, n_flags, keys,
     )
     problems.extend(_semantic_checks(snips, id_checks, embryo_ids, embryo_objs, bad_embryos, owner, sets, flag_lists, snip_ids))
-    problems.extend(_store_flag_checks(doc, sets))
-    return Tables(snips=snips, problems=problems, measurement_keys=list(keys))
+    sources = [e["source"] for i, e in enumerate(embryo_objs) if i not in bad_embryos]
+    return Tables(
+        snips=snips,
+        problems=problems,
+        measurement_keys=list(keys),
+        n_embryos=len(embryo_objs),
+        experiments={s["experiment_id"] for s in sources},
+        videos={s["video_id"] for s in sources},
+    )
 
 
 _MISSING = float("nan")  # a unique NaN object: list.count() finds it by identity

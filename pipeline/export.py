@@ -197,7 +197,7 @@ def _provenance(store: Store | None, **extra: Any) -> dict[str, Any]:
     }
     if store is not None:
         info["store_path"] = str(store.path.resolve()) if store.path else None
-        info["store_last_updated"] = store.doc.get("file_info", {}).get("last_updated")
+        info["store_last_updated"] = store.head.get("file_info", {}).get("last_updated")
     info.update(extra)
     return info
 
@@ -1011,7 +1011,7 @@ def export_store(
     if not isinstance(store, Store):
         from pipeline.store import read_store
 
-        store = read_store(store)
+        store = read_store(store, document=True if what == "flags" else None)
     if what == "flags":
         table = store.flags_table()
     else:

@@ -573,7 +573,7 @@ def shard_store(
     """
     from pipeline.store import read_store
 
-    store = source if isinstance(source, Store) else read_store(source)
+    store = source if isinstance(source, Store) else read_store(source, document=True)
     store.validate(raise_on_error=True)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):

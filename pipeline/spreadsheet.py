@@ -1055,7 +1055,7 @@ def import_spreadsheet(
         else read_spreadsheet(path, mapping, sheet_name=sheet_name)
     )
     if not isinstance(store, Store):
-        store = read_store(store)
+        store = read_store(store, document=True)  # the import writes into it
     who = (
         author.strip()
         if isinstance(author, str) and author.strip()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import os
 import sys
 from collections.abc import Iterator
@@ -29,10 +30,22 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import ids
+from pipeline import _jsonfile, ids
 from pipeline._atomic import LOCK_TIMEOUT, atomic_write_bytes, store_lock
-from pipeline._jsonfile import DUMP_OPTIONS, dump_chunks, load_json_file
-from pipeline._tables import Tables, build_tables, flags_table, suggest
+from pipeline._jsonfile import (
+    DUMP_OPTIONS,
+    OtherLayout,
+    dump_chunks,
+    load_json_file,
+    stream_embryos,
+)
+from pipeline._tables import (
+    Tables,
+    build_tables,
+    build_tables_streamed,
+    flags_table,
+    suggest,
+)
 from pipeline.errors import (
     AnnotationError,
     MergeConflictError,
@@ -168,13 +181,68 @@ class Store:
         upgrade_report: list[str] | None = None,
         validate: bool = True,
     ) -> None:
-        self.doc = doc
+        self._doc: dict[str, Any] | None = doc
+        self._head: dict[str, Any] | None = None
         self.path = Path(path) if path is not None else None
         self.upgrade_report = list(upgrade_report or [])
         self._fingerprint = _fingerprint(self.path) if self.path else None
         self._tables: Tables | None = None
         if validate:
             self.validate(raise_on_error=True)
+
+    @classmethod
+    def _from_tables(cls, head: dict[str, Any], tables: Tables, *, path: Path, fingerprint: tuple[int, int, int]) -> Store:
+        """A store read as tables only: its document is parsed on first use (see :attr:`doc`)."""
+        store = cls.__new__(cls)
+        store._doc, store._head = None, head
+        store.path, store.upgrade_report = path, []
+        store._fingerprint, store._tables = fingerprint, tables
+        store.validate(raise_on_error=True)
+        return store
+
+    @property
+    def doc(self) -> dict[str, Any]:
+        """The JSON document (a dict in schema version 1).
+
+        A large store that :func:`read_store` read as tables only is parsed
+        here, on first use, from the same file (a second read: it must not
+        have changed on disk since).
+        """
+        if self._doc is None:
+            self._doc = self._read_document()
+            self._head = None
+        return self._doc
+
+    @doc.setter
+    def doc(self, value: dict[str, Any]) -> None:
+        self._doc, self._head = value, None
+
+    @property
+    def head(self) -> dict[str, Any]:
+        """Every top-level member of the document but ``"embryos"`` (never parses it)."""
+        if self._doc is None:
+            return self._head or {}
+        return {k: v for k, v in self._doc.items() if k != "embryos"}
+
+    @property
+    def has_document(self) -> bool:
+        """Whether the document is in memory (see :func:`read_store`'s *document*)."""
+        return self._doc is not None
+
+    def _read_document(self) -> dict[str, Any]:
+        assert self.path is not None  # only stores read from a file are without their document
+        if self.changed_on_disk():
+            msg = (
+                f"{str(self.path)!r} was changed by another writer since it was read, and this store "
+                "was read without its document (read_store(..., document=False)): read it again with "
+                "read_store() and re-apply your edits"
+            )
+            raise MergeConflictError(msg)
+        doc = _parse_file(self.path, freeze=_FREEZE_PARSED)
+        if self.changed_on_disk() or not isinstance(doc, dict) or is_legacy(doc):
+            msg = f"{str(self.path)!r} changed while its document was being read; read it again with read_store()"
+            raise MergeConflictError(msg)
+        return doc
 
     def __repr__(self) -> str:
         c = self.counts()
@@ -185,8 +253,7 @@ class Store:
     @property
     def vocabulary(self) -> dict[str, Any]:
         """The vocabulary in force: ``permitted_values`` or the package default."""
-        pv = self.doc.get("permitted_values")
-        return pv if isinstance(pv, dict) else default_vocabulary()
+        return _vocabulary_of(self.head if self._doc is None else self._doc)
 
     @property
     def embryos(self) -> dict[str, Any]:
@@ -274,13 +341,12 @@ class Store:
 
     def counts(self) -> dict[str, int]:
         """Numbers of experiments, videos, embryos and snips."""
-        table = self.tables().snips
-        sources = [e["source"] for e in self.embryos.values()]
+        tables = self.tables()
         return {
-            "experiments": len({s["experiment_id"] for s in sources}),
-            "videos": len({s["video_id"] for s in sources}),
-            "embryos": len(self.embryos),
-            "snips": len(table),
+            "experiments": len(tables.experiments),
+            "videos": len(tables.videos),
+            "embryos": tables.n_embryos,
+            "snips": len(tables.snips),
         }
 
     def video_ids(self) -> tuple[str, ...]:
@@ -297,8 +363,8 @@ class Store:
         >>> make_store(n_experiments=1, n_embryos=2, n_frames=3, seed=0).video_ids()[:1]
         ('20240102_A01',)
         """
-        videos = set(self.doc.get("flags", {}).get("video", {}))
-        videos.update(e["source"]["video_id"] for e in self.embryos.values())
+        videos = set(self.head.get("flags", {}).get("video", {}))
+        videos.update(self.tables().videos)
         return tuple(sorted(videos))
 
     # ----------------------------------------------------------- primitives
@@ -648,8 +714,9 @@ class Store:
         """Read the file again, replacing the document in memory."""
         if self.path is None:
             return
-        fresh = read_store(self.path, quiet=True)
-        self.doc, self._tables, self._fingerprint = fresh.doc, fresh._tables, fresh._fingerprint
+        fresh = read_store(self.path, quiet=True, document=True if self._doc is not None else None)
+        self._doc, self._head = fresh._doc, fresh._head
+        self._tables, self._fingerprint = fresh._tables, fresh._fingerprint
         self.upgrade_report = fresh.upgrade_report
 
     def to_bytes(self) -> bytes:
@@ -757,7 +824,7 @@ def _frame(snip_id: str, snip: dict[str, Any]) -> int:
     return ids.parse_snip_id(snip_id).frame if frame is None else frame
 
 
-def read_store(path: str | os.PathLike[str], *, quiet: bool = False) -> Store:
+def read_store(path: str | os.PathLike[str], *, quiet: bool = False, document: bool | None = None) -> Store:
     """Read and check a single-file store.
 
     Parameters
@@ -767,6 +834,17 @@ def read_store(path: str | os.PathLike[str], *, quiet: bool = False) -> Store:
         :mod:`pipeline.shards`; its shards are read when used).
     quiet : bool, default False
         Do not warn about a legacy upgrade (the report stays on the store).
+    document : bool, optional
+        Whether to keep the parsed JSON document in memory. Its Python
+        objects take about 2.7x the file, the snip table about 1.5x. With
+        False, a file in the layout this package writes is read a block of
+        embryos at a time into the snip table and the checks, and each block
+        is dropped once used: the document is parsed again, from the same
+        file, only if something needs it (an edit, a merge, a save, the flags
+        table). True parses it now (for a process that will write anyway).
+        The default is False for files larger than one read block (16 MB)
+        and True for smaller ones. Files in another layout, legacy files and
+        files with errors are always parsed whole.
 
     Returns
     -------
@@ -802,6 +880,11 @@ def read_store(path: str | os.PathLike[str], *, quiet: bool = False) -> Store:
     if path.is_dir():
         msg = f"{str(path)!r} is a folder without a store.json: expected a store file or a sharded store's folder"
         raise StoreFormatError(msg, path=str(path))
+    if document is False or (document is None and path.stat().st_size > _jsonfile.BLOCK):
+        try:
+            return _read_tables_only(path)
+        except (OtherLayout, orjson.JSONDecodeError, ValueError):
+            pass  # another layout, a legacy file, an error: the whole parse says exactly what
     doc = _parse_file(path, freeze=_FREEZE_PARSED)
     report: list[str] = []
     if is_legacy(doc):
@@ -820,6 +903,42 @@ def read_store(path: str | os.PathLike[str], *, quiet: bool = False) -> Store:
         msg = f"{path}: expected a JSON object at the top level, found {type(doc).__name__}"
         raise StoreFormatError(msg, problems=[("$", msg)], path=str(path))
     return Store(doc, path=path, upgrade_report=report)
+
+
+def _read_tables_only(path: Path) -> Store:
+    """Read a store's tables a block of embryos at a time, without keeping its document.
+
+    Raises
+    ------
+    OtherLayout, orjson.JSONDecodeError, ValueError
+        When the file must be read whole instead (another layout, a legacy
+        file, a syntax error, an embryo id given twice): nothing is kept.
+    """
+    found: dict[str, Any] = {}
+    with paused_gc():
+        stream = stream_embryos(path, _jsonfile.BLOCK, found)
+        first = next(stream, None)
+        if first is None or is_legacy(found["head"]):
+            raise OtherLayout
+        vocab = _vocabulary_of(found["head"])
+        pieces = itertools.chain([first], stream)
+        del first  # the chain lets go of the first block once it moves on
+        tables = build_tables_streamed(pieces, lambda: found["rest"], vocab)
+    rest = found["rest"]
+    if is_legacy(rest):
+        raise OtherLayout
+    if _vocabulary_of(rest) != vocab:
+        # permitted_values follows the embryos in this file: read it again
+        # with the right vocabulary (the file is read once per vocabulary).
+        with paused_gc():
+            tables = build_tables_streamed(stream_embryos(path, _jsonfile.BLOCK, found), lambda: found["rest"], _vocabulary_of(rest))
+    st = found["stat"]
+    return Store._from_tables(rest, tables, path=path, fingerprint=(st.st_ino, st.st_size, st.st_mtime_ns))
+
+
+def _vocabulary_of(doc: dict[str, Any]) -> dict[str, Any]:
+    pv = doc.get("permitted_values")
+    return pv if isinstance(pv, dict) else default_vocabulary()
 
 
 def write_store(store: Store, path: str | os.PathLike[str] | None = None, **kwargs: Any) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,14 @@ import dask
 import orjson
 import pytest
 
+from pipeline import _jsonfile
 from pipeline.testing import make_store
+
+# PIPELINE_TEST_BLOCK=2048 runs the suite (in this process) with every store
+# file larger than that read a block at a time, as tables only, the way
+# large stores are read.
+if os.environ.get("PIPELINE_TEST_BLOCK"):
+    _jsonfile.BLOCK = int(os.environ["PIPELINE_TEST_BLOCK"])
 
 #: Hand-written stores and tables that live with the tests.
 DATA = Path(__file__).parent / "data"

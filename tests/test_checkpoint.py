@@ -293,7 +293,7 @@ def test_undo_of_each_checkpoint_restores_the_file_and_reruns_redo_it(store_path
     report = pipeline.merge_into_store(
         store, changes_of(store, rows), checkpoint_every=2, inputs=INPUTS
     )
-    after = pipeline.read_store(store_path)
+    after = pipeline.read_store(store_path, document=True)  # a snapshot: the file changes below
     assert len(report.batch_ids) == 3
     # Checkpoints touch disjoint embryos: any one undoes without force.
     pipeline.undo(store, report.batch_ids[0])

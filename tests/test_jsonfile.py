@@ -12,8 +12,8 @@ import pipeline
 from pipeline._atomic import atomic_write_bytes
 from pipeline._jsonfile import (
     DUMP_OPTIONS,
+    OtherLayout,
     _load_streamed,
-    _OtherLayout,
     dump_chunks,
     load_json_file,
 )
@@ -68,7 +68,7 @@ def test_empty_embryos_is_not_streamed(tmp_path: Path) -> None:
     doc = orjson.loads(orjson.dumps(make_store(n_experiments=1, n_embryos=1, n_frames=2, seed=1).doc))
     doc["embryos"] = {}
     path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
-    with pytest.raises(_OtherLayout):
+    with pytest.raises(OtherLayout):
         _load_streamed(path, 16)
     assert load_json_file(path, block=16) == doc
 
@@ -93,7 +93,7 @@ def test_embryos_key_nested_elsewhere_is_not_mistaken(tmp_path: Path) -> None:
     text = b'{"meta": {\n  "embryos": {\n    "x": {}\n  }\n}, "embryos": {}}'
     path = tmp_path / "nested.json"
     path.write_bytes(text)
-    with pytest.raises(_OtherLayout):
+    with pytest.raises(OtherLayout):
         _load_streamed(path, 16)
     assert load_json_file(path, block=16) == orjson.loads(text)
 

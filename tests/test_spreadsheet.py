@@ -142,7 +142,7 @@ def test_csv_with_bom_semicolons_and_a_multiline_cell(tmp_path: Path) -> None:
 def test_shared_xlsx_imports_both_kinds_in_one_batch_and_undo_restores_both(
     store_path: Path,
 ) -> None:
-    before = pipeline.read_store(store_path)
+    before = pipeline.read_store(store_path, document=True)  # a snapshot: the file changes below
     report = import_spreadsheet(
         store_path, EXAMPLES / "small_assignments.xlsx", SHARED_MAP
     )

@@ -126,7 +126,7 @@ def _load(args: argparse.Namespace):
     from pipeline.phenotypes import read_assignments
     from pipeline.store import read_store
 
-    store = read_store(args.store)
+    store = read_store(args.store, document=True)
     table = read_assignments(Path(args.assignments), sheet_name=args.sheet)
     return store, table
 

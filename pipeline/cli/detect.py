@@ -137,7 +137,7 @@ def run_detect(args: argparse.Namespace) -> int:
             "raises needs every partition's new flags first; run --replace without --checkpoint-every"
         )
         raise UsageError(msg)
-    store = pipeline.read_store(args.store)
+    store = pipeline.read_store(args.store, document=True)
     chosen = choose_detectors(args.detector, args.detectors_file)
     say(f"detectors: {', '.join(d.name for d in chosen)}", quiet=args.quiet)
     with runtime(args):

@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         mapping[key] = heading
     # Read the sheet before the store, so a bad file costs nothing.
     sheet = read_spreadsheet(args.sheet, mapping or None, sheet_name=args.sheet_name)
-    store = read_store(args.store)
+    store = read_store(args.store, document=True)
     with runtime(args):
         report = import_spreadsheet(
             store,

@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     """Undo the batch."""
     import pipeline
 
-    store = pipeline.read_store(args.store)
+    store = pipeline.read_store(args.store, document=True)
     report = pipeline.undo(store, args.batch_id, force=args.force)
     say(f"undid batch {args.batch_id}: restored {report.n_written} value(s) as batch {report.batch_id}")
     return 0
