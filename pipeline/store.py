@@ -230,7 +230,9 @@ class Store:
         return self._doc is not None
 
     def _read_document(self) -> dict[str, Any]:
-        assert self.path is not None  # only stores read from a file are without their document
+        if self.path is None:  # pragma: no cover - only stores read from a file come without it
+            msg = "this store has no document and no file to read it from"
+            raise RuntimeError(msg)
         if self.changed_on_disk():
             msg = (
                 f"{str(self.path)!r} was changed by another writer since it was read, and this store "
