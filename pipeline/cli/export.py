@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 from pipeline.cli._common import UsageError, add_runtime_options, runtime, say
 
@@ -81,9 +82,16 @@ def run(args: argparse.Namespace) -> int:
             msg = f"--partition-on applies to --format parquet only, not {args.format}"
             raise UsageError(msg)
     start = time.perf_counter()
+    source: Any = args.store
+    if args.what != "changes":
+        from pipeline.store import read_store
+
+        # Read before an embedded cluster starts: its threads would take the
+        # interpreter lock from the parse and the checks (2-3 s at 1M snips).
+        source = read_store(args.store, document=True if args.what == "flags" else None)
     with runtime(args):
         result = export_store(
-            args.store,
+            source,
             args.out,
             format=args.format,
             what=args.what,
