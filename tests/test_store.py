@@ -1610,3 +1610,35 @@ def test_validate_does_not_warn_about_legacy(legacy_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert validate_store(legacy_path) == []
+
+
+# ------------------------------------------------------- writing in pieces
+def test_pieces_are_flushed_in_the_background_and_written_in_order(tmp_path, monkeypatch):
+    from pipeline import _atomic
+
+    monkeypatch.setattr(_atomic, "FLUSH_EVERY", 1000)
+    synced = []
+    real = getattr(os, "fdatasync", os.fsync)
+    monkeypatch.setattr(os, "fdatasync", lambda fd: synced.append(fd) or real(fd), raising=False)
+    pieces = [bytes([65 + i % 26]) * 700 for i in range(40)]
+    target = tmp_path / "store.json"
+    _atomic.atomic_write_bytes(target, iter(pieces))
+    assert target.read_bytes() == b"".join(pieces)
+    assert synced  # some flushes ran while pieces were still being written
+
+
+def test_a_failed_background_flush_fails_the_write_and_keeps_the_old_file(tmp_path, monkeypatch):
+    from pipeline import _atomic
+
+    target = tmp_path / "store.json"
+    target.write_bytes(b"old")
+    monkeypatch.setattr(_atomic, "FLUSH_EVERY", 10)
+
+    def failing(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing, raising=False)
+    with pytest.raises(OSError, match="Input/output error"):
+        _atomic.atomic_write_bytes(target, iter([b"x" * 20, b"y" * 20, b"z" * 20]))
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["store.json"]
