@@ -25,7 +25,7 @@ as long as DEAD stays permanent afterwards, or the row fails.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +154,26 @@ def _confidence(value: Any) -> tuple[float, str | None]:
     return number, None
 
 
+def _spec_or_error(value: Any) -> tuple[FrameRange | None, str | None]:
+    try:
+        return parse_range(_spec_input(value)), None
+    except RangeSyntaxError as err:
+        return None, f"bad_range: {err}"
+
+
+def _per_distinct(values: np.ndarray, check: Callable[[Any], Any]) -> list[Any]:
+    """``[check(v) for v in values]``, calling *check* once per distinct string.
+
+    Only columns of strings (as CSV files give) are grouped: elsewhere equal
+    values of different types (``1``, ``1.0``, ``True``) must stay apart.
+    """
+    if len(values) and all(v.__class__ is str for v in values):
+        codes, uniques = pd.factorize(values)
+        results = [check(u) for u in uniques]
+        return [results[c] for c in codes.tolist()]
+    return [check(v) for v in values]
+
+
 def prepare_phenotype_rows(assignments: Any, vocabulary: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """Check every assignment row once, before any partition sees it.
 
@@ -188,26 +208,27 @@ def prepare_phenotype_rows(assignments: Any, vocabulary: Mapping[str, Any] | Non
     phenotypes = (vocabulary or DEFAULT_VOCABULARY)["phenotypes"]
     by_upper = {p.upper(): p for p in phenotypes}
     n = len(table)
-    embryo = [_text(v) for v in table["embryo_id"]]
-    raw_pheno = [_text(v) for v in table["phenotype"]]
+
+    def cells(name: str, default: Any) -> np.ndarray:
+        return table[name].to_numpy(dtype=object) if name in table.columns else np.full(n, default, dtype=object)
+
+    # Each distinct cell is checked once (a spreadsheet repeats its specs,
+    # phenotypes and confidences); every row still gets its own outcome.
+    embryo = _per_distinct(cells("embryo_id", None), _text)
+    raw_pheno = _per_distinct(cells("phenotype", None), _text)
     pheno = [by_upper.get(p.upper()) if p else None for p in raw_pheno]
-    frames = table["frames"].to_numpy(dtype=object) if "frames" in table.columns else np.full(n, "all", dtype=object)
-    conf_raw = table["confidence"].to_numpy(dtype=object) if "confidence" in table.columns else np.full(n, None, dtype=object)
-    notes = [_text(v) for v in table["notes"]] if "notes" in table.columns else [None] * n
+    parsed = _per_distinct(cells("frames", "all"), _spec_or_error)
+    checked = _per_distinct(cells("confidence", None), _confidence)
+    notes = _per_distinct(cells("notes", None), _text)
     specs: list[FrameRange | None] = []
     errors: list[str | None] = []
     confs: list[float] = []
     for i in range(n):
-        # One pass over the assignment rows (not over snips): each row's cells
-        # are checked once, every failure is collected, nothing stops early.
-        conf, conf_error = _confidence(conf_raw[i])
+        # One pass over the assignment rows (not over snips): every failure
+        # is collected, nothing stops early.
+        conf, conf_error = checked[i]
         confs.append(conf)
-        spec = None
-        spec_error = None
-        try:
-            spec = parse_range(_spec_input(frames[i]))
-        except RangeSyntaxError as err:
-            spec_error = f"bad_range: {err}"
+        spec, spec_error = parsed[i]
         if embryo[i] is None:
             error = "missing_embryo_id: the embryo_id cell is empty"
         elif raw_pheno[i] is None:

@@ -1081,3 +1081,30 @@ def test_random_store_fixture_is_valid_and_has_dead_embryos():
         make_store(n_experiments=1, n_embryos=2, n_frames=4, seed=0).counts()["embryos"]
         == 2
     )
+
+
+def test_repeated_cells_are_checked_once_and_every_row_keeps_its_outcome():
+    from pipeline.phenotypes import prepare_phenotype_rows
+
+    text = pd.DataFrame(
+        {
+            "embryo_id": ["e1", "e2", "e1", "e3"],
+            "phenotype": ["edema", "EDEMA", "nope", "edema"],
+            "frames": ["[0:3]", "[0:", "[0:3]", "[0:"],
+            "confidence": ["0.5", "2", "0.5", ""],
+        }
+    )
+    rows = prepare_phenotype_rows(text)
+    assert rows["phenotype"].tolist()[:2] == ["EDEMA", "EDEMA"]
+    assert rows["spec"].iat[0] is rows["spec"].iat[2]  # parsed once
+    assert rows["error"].isna().tolist() == [True, False, False, False]
+    errors = rows["error"].tolist()
+    assert errors[1].startswith("bad_range")
+    assert errors[3].startswith("bad_range")
+    assert errors[2].startswith("unknown_phenotype")
+    # Values of other types are never grouped: True is not the number 1.
+    mixed = prepare_phenotype_rows(
+        [{"embryo_id": "e1", "phenotype": "EDEMA", "confidence": c} for c in (1, 1.0, True)]
+    )
+    assert mixed["error"].isna().tolist() == [True, True, False]
+    assert "confidence must be a number" in mixed["error"].iat[2]
