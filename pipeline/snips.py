@@ -22,6 +22,8 @@ import math
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline._partitions import from_pieces
 from pipeline.store import Store
@@ -68,12 +70,14 @@ def partition_bounds(video_ids: pd.Series | np.ndarray, npartitions: int) -> lis
     >>> partition_bounds(np.array(["a", "a", "b", "c", "c", "c"]), 2)
     [(0, 3), (3, 6)]
     """
-    values = np.asarray(video_ids, dtype=object)
-    n = len(values)
+    n = len(video_ids)
     if n == 0:
         return [(0, 0)]
-    # Positions where a new video starts: the only legal cut points.
-    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+    # Positions where a new video starts, the only legal cut points: compared
+    # in Arrow, without a Python string per row.
+    values = pa.array(video_ids.array if isinstance(video_ids, pd.Series) else np.asarray(video_ids, dtype=object))
+    new = pc.not_equal(values[1:], values[:-1]).fill_null(True)
+    starts = np.flatnonzero(np.r_[True, new.to_numpy(zero_copy_only=False)])
     wanted = np.linspace(0, n, max(1, npartitions) + 1)[1:-1]
     cuts = np.unique(starts[np.clip(np.searchsorted(starts, wanted), 0, len(starts) - 1)])
     cuts = cuts[(cuts > 0) & (cuts < n)]
@@ -128,7 +132,7 @@ def snips_from_store(store: Store, npartitions: int | None = None, *, measuremen
     if npartitions < 1:
         msg = f"npartitions must be at least 1, got {npartitions}"
         raise ValueError(msg)
-    bounds = partition_bounds(table["video_id"].to_numpy(dtype=object), npartitions)
+    bounds = partition_bounds(table["video_id"], npartitions)
     pieces = [table.iloc[a:b] for a, b in bounds]
     if len(table) == 0:
         divisions: list[object] = [None, None]
