@@ -221,8 +221,10 @@ def build_tables_streamed(
 
 def _embryo_tables(embryos: dict[str, Any], sets: dict[str, Any]) -> Tables:
     # The embryos' part of build_tables: their problems and their snip table.
-    embryo_ids = list(embryos)
-    embryo_objs = list(embryos.values())
+    # In the order of their snip ids ("{embryo_id}_..."), so that a table whose
+    # embryos list their snips in order comes out sorted (no sort of 1M ids).
+    embryo_ids = sorted(embryos, key=lambda e: f"{e}_")
+    embryo_objs = [embryos[e] for e in embryo_ids]
     bad_embryos: set[int] = {
         i
         for i, e in enumerate(embryo_objs)

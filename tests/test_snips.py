@@ -310,3 +310,34 @@ def test_store_on_disk_reads_to_the_same_partitions(tmp_path: Path) -> None:
             snips_from_store(again, npartitions=k).compute(scheduler="sync"),
             snips_from_store(store, npartitions=k).compute(scheduler="sync"),
         )
+
+
+def test_sorting_moves_whole_embryos_or_sorts_every_id():
+    import pyarrow as pa
+
+    from pipeline.store import _embryo_order
+
+    # Embryos in the wrong order, each in order: moved as blocks (runs of
+    # rows of one embryo, whatever their number).
+    ids = pa.array(["b_0", "b_1", "a_0", "c_0", "a_1x"])
+    embryos = pa.array(["b", "b", "a", "c", "a"])
+    assert _embryo_order(ids, embryos).tolist() == [2, 4, 0, 1, 3]
+    ids = pa.array(["b_0", "b_1", "a_0", "c_0"])
+    embryos = pa.array(["b", "b", "a", "c"])
+    assert _embryo_order(ids, embryos).tolist() == [2, 0, 1, 3]
+    # An embryo's snips out of order: the caller sorts every id.
+    assert _embryo_order(pa.array(["a_1", "a_0", "b_0"]), pa.array(["a", "a", "b"])) is None
+
+
+def test_a_store_listing_embryos_and_snips_out_of_order_gives_the_sorted_table(tmp_path):
+    from pipeline.testing import make_document
+
+    doc = make_document(n_experiments=2, n_embryos=6, n_frames=5, seed=3)
+    doc["embryos"] = dict(reversed(list(doc["embryos"].items())))
+    first = next(iter(doc["embryos"].values()))
+    first["snips"] = dict(reversed(list(first["snips"].items())))
+    table = Store(doc).snip_table()
+    assert table.index.is_monotonic_increasing
+    assert table.index.is_unique
+    expected = Store(make_document(n_experiments=2, n_embryos=6, n_frames=5, seed=3)).snip_table()
+    pd.testing.assert_frame_equal(table, expected)
