@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_DASHBOARD",
     "LOCAL_SCHEDULERS",
     "get_client",
+    "settle",
     "compute",
     "compute_with_progress",
     "scatter_pieces",
@@ -378,6 +379,34 @@ def _run(client: Any, plan: _Plan, progress: Any) -> Any:
 
         dask_progress(counted)
     return client.gather(outputs)
+
+
+def settle(client: Any = None, timeout: float = 5.0) -> None:
+    """Wait until an embedded cluster's workers have dropped the data nothing refers to.
+
+    Dropping a computation's futures (a scattered snip table, gathered
+    results) only asks the scheduler to have the workers forget them; that
+    happens a moment later. A command about to grow the store in memory waits
+    for it here, so the table is not still held at its peak. Only for the
+    cluster this process started (all of whose data is its own); otherwise,
+    and on the local schedulers, it returns at once.
+
+    Parameters
+    ----------
+    client : distributed.Client, optional
+        Default the active client (:func:`get_client`).
+    timeout : float, default 5.0
+        Seconds to wait at most.
+    """
+    client = get_client(client)
+    if client is None or getattr(client, "cluster", None) is None:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        held = {key for keys in client.has_what().values() for key in keys}
+        if held <= set(client.futures):
+            return
+        time.sleep(0.02)
 
 
 def scatter_pieces(client: Any, pieces: Sequence[Any], label: str) -> list[Any]:

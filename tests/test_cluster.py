@@ -507,3 +507,16 @@ def test_scattered_graph_stays_small_for_a_large_table():
         assert lazy.divisions == tuple(divisions)
         total = client.compute(lazy["x"].sum()).result()
     assert total == big["x"].sum()
+
+
+def test_settle_waits_until_the_embedded_worker_dropped_released_data(inputs):
+    store = pipeline.read_store(inputs["store"])
+    with cluster.open_runtime("local", dashboard_address=None, quiet=True) as client:
+        snips = pipeline.snips_from_store(store, npartitions=4)
+        total = int(cluster.compute(snips["frame"].sum()))
+        assert any(client.has_what().values())  # the scattered pieces
+        del snips
+        cluster.settle()
+        assert not any(client.has_what().values())
+    assert total == int(store.snip_table()["frame"].sum())
+    cluster.settle()  # no client: returns at once

@@ -161,7 +161,7 @@ def _phenotype_changes(store: Any, table: pd.DataFrame, args: argparse.Namespace
     import pyarrow as pa
 
     import pipeline
-    from pipeline.cluster import compute
+    from pipeline.cluster import compute, settle
 
     snips = pipeline.snips_from_store(store, npartitions=args.npartitions)
     changes = pipeline.assign_phenotypes(
@@ -174,6 +174,7 @@ def _phenotype_changes(store: Any, table: pd.DataFrame, args: argparse.Namespace
     computed = compute(changes, stage="merge")
     del changes
     store.invalidate()
+    settle()  # an embedded cluster's worker lets go of its copy of the table
     pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed memory otherwise
     return computed
 
