@@ -87,7 +87,10 @@ def child(op: str, store_path: str, rows_path: str, out_path: str, scratch: str)
         state[name] = fn()
         record[name] = {"seconds": time.perf_counter() - start, "peak": peak_rss()}
 
-    stage("load", lambda: pipeline.read_store(store_path))
+    # The document is kept, as the writing commands (assign, detect) keep it;
+    # export reads large stores as tables only, so its memory is predicted
+    # high (an upper bound) by the same "load" costs.
+    stage("load", lambda: pipeline.read_store(store_path, document=True))
     store = state["load"]
     if op == "export":
         stage("export", lambda: pipeline.export_store(store, Path(scratch) / "export"))
