@@ -8,7 +8,9 @@ the contract that relates values to each other (ids, vocabulary,
 numpy/pyarrow/pandas over whole columns; messages and JSON paths are built only
 for the values that fail. The table is cached on the store and is exactly what
 :func:`pipeline.snips_from_store` partitions, so validation and flattening cost
-one pass together.
+one pass together. :func:`build_tables_streamed` does the same for a document
+handed over a block of embryos at a time (each block's objects can go once its
+part of the table is built).
 
 Structure (types, required and unexpected keys) is checked by cheap set
 comparisons in the same comprehensions; an embryo that fails them is re-checked

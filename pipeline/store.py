@@ -8,6 +8,12 @@ scalar primitives (``add_phenotype``, ``add_genotype``, ``add_flag``,
 ``add_treatment``) that enforce the vocabulary and the DEAD rules. Batch code
 reaches the same rules through vectorised code in :mod:`pipeline.merge`.
 
+A large file in this package's layout is read as tables only: its embryos go
+into the snip table and the checks a block at a time and are dropped, and the
+document is parsed again, from the same file, when something needs it
+(:attr:`Store.doc`). Reading and flattening a store then holds its table, not
+the document as Python objects (about a third of the memory).
+
 Saving is atomic and durable (see :mod:`pipeline._atomic`) and happens under an
 exclusive cross-process lock; a save refuses to overwrite a file that another
 process changed since it was read, so no update is ever lost silently.
