@@ -255,3 +255,17 @@ def test_the_program_exits_with_the_command_status(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert "embryos" in done.stdout + done.stderr
+
+
+def test_under_a_profiler_the_program_returns_normally(store_file: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # os._exit would skip cProfile's own write of its statistics.
+    stats = tmp_path / "profile.out"
+    done = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(stats), "-m", "pipeline", "info", str(store_file)],
+        capture_output=True, text=True, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert stats.stat().st_size > 0
