@@ -69,8 +69,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 import cloudpickle
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
+from pipeline._arrow import repeated
 from pipeline._partitions import map_parts
 from pipeline.errors import PipelineError
 from pipeline.schema import (
@@ -1444,8 +1444,7 @@ def _change_rows(
     n = len(hits)
 
     def const(text: str | None) -> Any:
-        # One value for every row, built in Arrow (no list of n Python strings).
-        return pd.arrays.ArrowStringArray(pa.repeat(pa.scalar(text, pa.string()), n))
+        return repeated(text, n)  # built in Arrow, no list of n Python strings
 
     def col(key: str, default: str | None) -> Any:
         if key not in hits.columns:

@@ -32,9 +32,9 @@ from typing import Any
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline._arrow import arrow_strings, differs_from_previous, repeated
 from pipeline._partitions import from_pieces, map_parts
 from pipeline._tables import suggest
 from pipeline.errors import PipelineError, RangeSyntaxError
@@ -343,11 +343,6 @@ def assign_phenotypes_partition(
     return pd.concat(out, ignore_index=True).sort_values(["row", "frame"], kind="stable", ignore_index=True)
 
 
-def _arrow(values: pd.Series | pd.Index) -> pa.Array | pa.ChunkedArray:
-    """The Arrow array behind a string column (no Python strings built)."""
-    return pa.array(values.array)
-
-
 def _is_in(values: pd.Series, universe: pd.Series) -> np.ndarray:
     """``values.isin(universe)`` for string columns, hashed in Arrow.
 
@@ -356,25 +351,14 @@ def _is_in(values: pd.Series, universe: pd.Series) -> np.ndarray:
     """
     if len(values) == 0 or len(universe) == 0:
         return np.zeros(len(values), dtype=bool)
-    found = pc.is_in(_arrow(values), value_set=pc.unique(_arrow(universe)))
+    found = pc.is_in(arrow_strings(values), value_set=pc.unique(arrow_strings(universe)))
     return found.to_numpy(zero_copy_only=False).astype(bool, copy=False)
-
-
-def _new_embryo(embryo_id: pd.Series) -> np.ndarray:
-    """For each row but the first, whether its embryo differs from the row before."""
-    emb = _arrow(embryo_id)
-    return pc.not_equal(emb[1:], emb[:-1]).to_numpy(zero_copy_only=False).astype(bool, copy=False)
-
-
-def _constant(value: str, n: int) -> pd.api.extensions.ExtensionArray:
-    """A string column holding *value* n times, built in Arrow."""
-    return pd.array(pa.repeat(pa.scalar(value, pa.large_string()), n), dtype=STRING)
 
 
 def _frame_sorted(part: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
     """The partition with each embryo's snips in frame order, and the map back."""
     fi = part["frame_index"].to_numpy()
-    ordered = len(part) < 2 or bool(np.all(_new_embryo(part["embryo_id"]) | (fi[1:] == fi[:-1] + 1)))
+    ordered = len(part) < 2 or bool(np.all(differs_from_previous(part["embryo_id"]) | (fi[1:] == fi[:-1] + 1)))
     if ordered:
         return part, np.arange(len(part))
     order = np.lexsort((fi, pd.factorize(part["embryo_id"])[0]))
@@ -459,8 +443,8 @@ def _apply_rows(
                 "new_value": r_value,
                 "status": r_status,
                 "reason": r_reason,
-                "author": _constant(author, len(r_row)),
-                "timestamp": _constant(timestamp, len(r_row)),
+                "author": repeated(author, len(r_row)),
+                "timestamp": repeated(timestamp, len(r_row)),
                 "confidence": conf,
                 "notes": notes,
             }

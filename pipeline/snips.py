@@ -22,9 +22,8 @@ import math
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 
+from pipeline._arrow import differs_from_previous
 from pipeline._partitions import from_pieces
 from pipeline.store import Store
 
@@ -73,11 +72,8 @@ def partition_bounds(video_ids: pd.Series | np.ndarray, npartitions: int) -> lis
     n = len(video_ids)
     if n == 0:
         return [(0, 0)]
-    # Positions where a new video starts, the only legal cut points: compared
-    # in Arrow, without a Python string per row.
-    values = pa.array(video_ids.array if isinstance(video_ids, pd.Series) else np.asarray(video_ids, dtype=object))
-    new = pc.not_equal(values[1:], values[:-1]).fill_null(True)
-    starts = np.flatnonzero(np.r_[True, new.to_numpy(zero_copy_only=False)])
+    # Positions where a new video starts: the only legal cut points.
+    starts = np.flatnonzero(np.r_[True, differs_from_previous(video_ids)])
     wanted = np.linspace(0, n, max(1, npartitions) + 1)[1:-1]
     cuts = np.unique(starts[np.clip(np.searchsorted(starts, wanted), 0, len(starts) - 1)])
     cuts = cuts[(cuts > 0) & (cuts < n)]
