@@ -54,7 +54,7 @@ from pipeline._atomic import backup_dir, fsync_dir, lock_path
 from pipeline._partitions import map_parts
 from pipeline.errors import PipelineError
 from pipeline.schema import SNIP_COLUMNS, SNIP_INDEX, STRING
-from pipeline.store import Store, now, paused_gc
+from pipeline.store import Store, now, paused_gc, read_store
 
 __all__ = [
     "write_parquet",
@@ -1009,9 +1009,7 @@ def export_store(
         kwargs["provenance"]["store_path"] = str(store_path.resolve())
         return write_table(table, path, format, partition_on=parts, **kwargs)
     if not isinstance(store, Store):
-        from pipeline.store import read_store
-
-        store = read_store(store, document=True if what == "flags" else None)
+        store = _read_for_export(store, what)
     if what == "flags":
         table = store.flags_table()
     else:
@@ -1019,6 +1017,11 @@ def export_store(
 
         table = snips_from_store(store, npartitions=npartitions)
     return write_table(table, path, format, partition_on=parts, store=store, **kwargs)
+
+
+def _read_for_export(path: str | os.PathLike[str], what: str) -> Store:
+    """Read the store an export of *what* needs: with its document only for the flags table."""
+    return read_store(path, document=True if what == "flags" else None)
 
 
 def _changes_table(store_path: Path) -> pd.DataFrame:

@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import _jsonfile, ids
+from pipeline._arrow import arrow_strings, differs_from_previous, strictly_increasing
 from pipeline._atomic import LOCK_TIMEOUT, atomic_write_bytes, store_lock
 from pipeline._jsonfile import (
     DUMP_OPTIONS,
@@ -93,9 +94,13 @@ def paused_gc() -> Iterator[None]:
 
 def _fingerprint(path: Path) -> tuple[int, int, int] | None:
     try:
-        st = path.stat()
+        return _stat_fingerprint(path.stat())
     except FileNotFoundError:
         return None
+
+
+def _stat_fingerprint(st: os.stat_result) -> tuple[int, int, int]:
+    # A file replaced (os.replace) or rewritten changes at least one of these.
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
@@ -262,7 +267,7 @@ class Store:
     @property
     def vocabulary(self) -> dict[str, Any]:
         """The vocabulary in force: ``permitted_values`` or the package default."""
-        return _vocabulary_of(self.head if self._doc is None else self._doc)
+        return _vocabulary_of(self.head)
 
     @property
     def embryos(self) -> dict[str, Any]:
@@ -286,7 +291,7 @@ class Store:
         """
         tables = self.tables()
         if not tables.sorted:
-            if not _strictly_increasing(pa.array(tables.snips.index.array)):
+            if not strictly_increasing(tables.snips.index):
                 _sort_by_index(tables)
             tables.sorted = True
         return tables.snips
@@ -794,19 +799,6 @@ class Store:
         return target
 
 
-def _strictly_increasing(values: pa.Array | pa.ChunkedArray) -> bool:
-    """Whether strings are sorted without repeats, compared in Arrow (no Python strings).
-
-    pandas answers ``is_monotonic_increasing`` for an Arrow-backed index by
-    building its object-dtype hash engine first (0.15 s per 1M snips).
-    """
-    if len(values) < 2:
-        return True
-    if values.null_count:
-        return False
-    return pc.all(pc.less(values[:-1], values[1:])).as_py() is True
-
-
 def _sort_by_index(tables: Tables) -> None:
     """Sort the snip table by its (unique) index, one column at a time.
 
@@ -816,9 +808,10 @@ def _sort_by_index(tables: Tables) -> None:
     so a 1M-snip table costs one extra column at the peak, not a second table.
     """
     index = tables.snips.index
-    order = _embryo_order(pa.array(index.array), pa.array(tables.snips["embryo_id"].array))
+    ids = arrow_strings(index)
+    order = _embryo_order(ids, arrow_strings(tables.snips["embryo_id"]))
     if order is None:
-        order = pc.sort_indices(pa.array(index.array)).to_numpy()
+        order = pc.sort_indices(ids).to_numpy()
     columns = {name: tables.snips[name].array for name in tables.snips.columns}
     dtypes = tables.snips.dtypes.to_dict()
     tables.snips = None  # type: ignore[assignment]  # the only other reference
@@ -852,14 +845,13 @@ def _embryo_order(snip_ids: pa.Array | pa.ChunkedArray, embryo_ids: pa.Array | p
     result), and the caller sorts every id.
     """
     n = len(snip_ids)
-    new = pc.not_equal(embryo_ids[1:], embryo_ids[:-1]).fill_null(True).to_numpy(zero_copy_only=False)
-    starts = np.flatnonzero(np.r_[True, new])
+    starts = np.flatnonzero(np.r_[True, differs_from_previous(embryo_ids)])
     runs = pc.sort_indices(snip_ids.take(pa.array(starts))).to_numpy()
     lengths = np.diff(np.r_[starts, n])[runs]
     # Positions of the runs laid end to end in their new order.
     offsets = np.repeat(starts[runs] - np.r_[0, np.cumsum(lengths)[:-1]], lengths)
     order = np.arange(n) + offsets
-    return order if _strictly_increasing(snip_ids.take(pa.array(order))) else None
+    return order if strictly_increasing(snip_ids.take(pa.array(order))) else None
 
 
 def _frame(snip_id: str, snip: dict[str, Any]) -> int:
@@ -975,8 +967,7 @@ def _read_tables_only(path: Path) -> Store:
         # with the right vocabulary (the file is read once per vocabulary).
         with paused_gc():
             tables = build_tables_streamed(stream_embryos(path, _jsonfile.BLOCK, found), lambda: found["rest"], _vocabulary_of(rest))
-    st = found["stat"]
-    return Store._from_tables(rest, tables, path=path, fingerprint=(st.st_ino, st.st_size, st.st_mtime_ns))
+    return Store._from_tables(rest, tables, path=path, fingerprint=_stat_fingerprint(found["stat"]))
 
 
 def _vocabulary_of(doc: dict[str, Any]) -> dict[str, Any]:

@@ -84,11 +84,11 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     source: Any = args.store
     if args.what != "changes":
-        from pipeline.store import read_store
+        from pipeline.export import _read_for_export
 
-        # Read before an embedded cluster starts: its threads would take the
-        # interpreter lock from the parse and the checks (2-3 s at 1M snips).
-        source = read_store(args.store, document=True if args.what == "flags" else None)
+        # Read before an embedded cluster starts, as the other commands do: a
+        # store that fails to load starts no cluster.
+        source = _read_for_export(args.store, args.what)
     with runtime(args):
         result = export_store(
             source,
