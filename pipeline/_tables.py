@@ -192,18 +192,19 @@ def build_tables_streamed(
     sets = _vocab_sets(vocab)
     pieces: list[Tables] = []
     embryo_ids: set[str] = set()
+    seen = 0
     for block in blocks:
         embryo_ids.update(block)
-        pieces.append(_embryo_tables(block, sets))
-        if len(embryo_ids) != sum(piece.n_embryos for piece in pieces):
+        seen += len(block)
+        if len(embryo_ids) != seen:
             msg = "an embryo id appears twice in the embryos object"
             raise ValueError(msg)
+        pieces.append(_embryo_tables(block, sets))
         del block
     head = rest()
     problems = top_problems(head)
     problems.extend(p for piece in pieces for p in piece.problems)
     problems.extend(_store_flag_checks(head, sets))
-    seen = sum(piece.n_embryos for piece in pieces)
     experiments = set().union(*(piece.experiments for piece in pieces))
     videos = set().union(*(piece.videos for piece in pieces))
     keys = sorted(set().union(*(piece.measurement_keys for piece in pieces)))
