@@ -36,7 +36,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["load_json_file", "stream_embryos", "dump_chunks", "DUMP_OPTIONS", "OtherLayout"]
+__all__ = ["load_json_file", "stream_embryos", "split_point", "dump_chunks", "DUMP_OPTIONS", "OtherLayout"]
 
 #: How store files are written: orjson, two-space indent, a final newline.
 DUMP_OPTIONS = orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE
@@ -103,7 +103,9 @@ def _load_streamed(path: Path, block: int) -> dict[str, Any]:
     return doc
 
 
-def stream_embryos(path: Path, block: int, found: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def stream_embryos(
+    path: Path, block: int, found: dict[str, Any], *, skip_to: int | None = None
+) -> Iterator[dict[str, Any]]:
     """Parse the ``"embryos"`` of a store file in our layout a few at a time.
 
     Parameters
@@ -117,6 +119,9 @@ def stream_embryos(path: Path, block: int, found: dict[str, Any]) -> Iterator[di
         ``"head"`` (the members before the embryos, ``"embryos"`` empty) as
         soon as the first piece is ready, and ``"rest"`` (every member but
         the embryos, ``"embryos"`` empty) once the pieces are exhausted.
+    skip_to : int, optional
+        Start at the embryo whose separating comma is at this byte offset
+        (an offset from :func:`split_point`) instead of the first embryo.
 
     Yields
     ------
@@ -153,6 +158,14 @@ def stream_embryos(path: Path, block: int, found: dict[str, Any]) -> Iterator[di
         # parsed in place by overwriting that byte with "{" and the byte
         # after it with "}".
         start = at + len(_OPEN) - 1
+        if skip_to is not None:
+            if skip_to <= start:
+                raise OtherLayout
+            f.seek(skip_to)
+            filled = f.readinto(buf) or 0
+            if not buf.startswith(_NEXT):
+                raise OtherLayout  # not the comma before an embryo
+            start = 0
         view = memoryview(buf)
         eof = False
         try:
@@ -202,6 +215,44 @@ def stream_embryos(path: Path, block: int, found: dict[str, Any]) -> Iterator[di
     if not isinstance(rest, dict) or rest.get("embryos") != {}:
         raise OtherLayout
     found["rest"] = rest
+
+
+def split_point(path: Path, fraction: float) -> tuple[int, str] | None:
+    """Where to cut a store file's embryos in two, about *fraction* of the way through.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        A store file in the layout this package writes.
+    fraction : float
+        How far into the file (from the start of ``"embryos"``) to look.
+
+    Returns
+    -------
+    (int, str) or None
+        The byte offset of the comma before the first embryo member that
+        starts there or later (for :func:`stream_embryos`'s *skip_to*) and
+        that embryo's id; None when the file is not in the layout or no
+        member start is found nearby. The offset may lie past the end of
+        ``"embryos"`` (in a member that follows it): a reader that never
+        meets the id among the embryos must not trust the cut.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(1 << 20)
+        at = head.find(_OPEN)
+        if at < 0:
+            return None
+        target = at + len(_OPEN) + int((size - at - len(_OPEN)) * fraction)
+        f.seek(target)
+        window = f.read(1 << 20)
+    cut = window.find(_NEXT)
+    if cut < 0:
+        return None
+    key = _STRING.match(window, cut + len(_NEXT) - 1)
+    if key is None:
+        return None
+    return target + cut, orjson.loads(key.group())
 
 
 def dump_chunks(doc: Any, *, per_chunk: int = EMBRYOS_PER_CHUNK) -> Iterator[bytes | memoryview]:

@@ -73,7 +73,7 @@ class Tables:
     videos: set[str] = field(default_factory=set)
 
 
-def _vocab_sets(vocab: dict[str, Any]) -> dict[str, Any]:
+def vocab_sets(vocab: dict[str, Any]) -> dict[str, Any]:
     return {
         "phenotypes": set(vocab["phenotypes"]),
         "genotypes": set(vocab["genotypes"]),
@@ -135,7 +135,7 @@ def build_tables(doc: dict[str, Any], vocab: dict[str, Any]) -> Tables:
         The snip table (index ``snip_id``, sorted) and every problem found, each
         ``(json_path, message)``. The table leaves out malformed embryos.
     """
-    sets = _vocab_sets(vocab)
+    sets = vocab_sets(vocab)
     problems = top_problems(doc)
     embryos = doc.get("embryos")
     if not isinstance(embryos, dict):
@@ -189,19 +189,71 @@ def build_tables_streamed(
         If an embryo id appears in two blocks (a JSON object with a repeated
         key, which a whole-document parse resolves by keeping the last).
     """
-    sets = _vocab_sets(vocab)
+    sets = vocab_sets(vocab)
     pieces: list[Tables] = []
     embryo_ids: set[str] = set()
-    seen = 0
     for block in blocks:
-        embryo_ids.update(block)
-        seen += len(block)
-        if len(embryo_ids) != seen:
-            msg = "an embryo id appears twice in the embryos object"
-            raise ValueError(msg)
-        pieces.append(_embryo_tables(block, sets))
+        add_block(pieces, embryo_ids, block, sets)
         del block
-    head = rest()
+    return _combine(pieces, rest(), sets)
+
+
+def add_block(pieces: list[Tables], embryo_ids: set[str], block: dict[str, Any], sets: dict[str, Any]) -> None:
+    """Append the tables of one block of embryos to *pieces* (see :func:`build_tables_streamed`).
+
+    Raises
+    ------
+    ValueError
+        If an embryo id of *block* is already in *embryo_ids* (which gets
+        the block's ids).
+    """
+    before = len(embryo_ids)
+    embryo_ids.update(block)
+    if len(embryo_ids) != before + len(block):
+        msg = "an embryo id appears twice in the embryos object"
+        raise ValueError(msg)
+    pieces.append(_embryo_tables(block, sets))
+
+
+def block_tables(blocks: Iterator[dict[str, Any]], vocab: dict[str, Any]) -> tuple[list[Tables], list[str]]:
+    """The tables of consecutive blocks of embryos, and their embryo ids in file order.
+
+    For a process that reads part of a store's embryos for another, which
+    joins the pieces with its own (:func:`combine_pieces`).
+
+    Raises
+    ------
+    ValueError
+        If an embryo id appears twice among the blocks.
+    """
+    sets = vocab_sets(vocab)
+    pieces: list[Tables] = []
+    seen: set[str] = set()
+    ids: list[str] = []
+    for block in blocks:
+        add_block(pieces, seen, block, sets)
+        ids.extend(block)
+        del block
+    return pieces, ids
+
+
+def combine_pieces(pieces: list[Tables], head: dict[str, Any], vocab: dict[str, Any]) -> Tables:
+    """Join the tables of consecutive blocks into the store's tables.
+
+    Parameters
+    ----------
+    pieces : list of Tables
+        Per block, in file order (emptied here).
+    head : dict
+        Every top-level member of the document but the embryos.
+    vocab : dict
+        The vocabulary the pieces were checked with.
+    """
+    return _combine(pieces, head, vocab_sets(vocab))
+
+
+def _combine(pieces: list[Tables], head: dict[str, Any], sets: dict[str, Any]) -> Tables:
+    seen = sum(piece.n_embryos for piece in pieces)
     problems = top_problems(head)
     problems.extend(p for piece in pieces for p in piece.problems)
     problems.extend(_store_flag_checks(head, sets))

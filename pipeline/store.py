@@ -37,7 +37,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import _jsonfile, ids
+from pipeline import _jsonfile, _split_read, ids
 from pipeline._arrow import arrow_strings, differs_from_previous, strictly_increasing
 from pipeline._atomic import LOCK_TIMEOUT, atomic_write_bytes, store_lock
 from pipeline._jsonfile import (
@@ -45,14 +45,18 @@ from pipeline._jsonfile import (
     OtherLayout,
     dump_chunks,
     load_json_file,
+    split_point,
     stream_embryos,
 )
 from pipeline._tables import (
     Tables,
+    add_block,
     build_tables,
     build_tables_streamed,
+    combine_pieces,
     flags_table,
     suggest,
+    vocab_sets,
 )
 from pipeline.errors import (
     AnnotationError,
@@ -917,9 +921,11 @@ def read_store(path: str | os.PathLike[str], *, quiet: bool = False, document: b
         raise StoreFormatError(msg, path=str(path))
     if document is False or (document is None and path.stat().st_size > _jsonfile.BLOCK):
         try:
-            return _read_tables_only(path)
+            return _read_split(path, document=False) or _read_tables_only(path)
         except (OtherLayout, orjson.JSONDecodeError, ValueError):
             pass  # another layout, a legacy file, an error: the whole parse says exactly what
+    elif document and (split := _read_split(path, document=True)) is not None:
+        return split
     doc = _parse_file(path, freeze=_FREEZE_PARSED)
     report: list[str] = []
     if is_legacy(doc):
@@ -968,6 +974,96 @@ def _read_tables_only(path: Path) -> Store:
         with paused_gc():
             tables = build_tables_streamed(stream_embryos(path, _jsonfile.BLOCK, found), lambda: found["rest"], _vocabulary_of(rest))
     return Store._from_tables(rest, tables, path=path, fingerprint=_stat_fingerprint(found["stat"]))
+
+
+def _read_split(path: Path, *, document: bool) -> Store | None:
+    """Read a large store with a helper process building part of its tables.
+
+    See :mod:`pipeline._split_read`. This process builds the tables of the
+    embryos before the cut (and with *document* parses every embryo into the
+    document), the helper those after it, at the same time on two cores.
+
+    Returns
+    -------
+    Store or None
+        The store; None when the one-process read must do it (nothing is
+        kept). With *document*, once the whole document is parsed, a failed
+        split builds the store from it the usual way instead.
+    """
+    if not _split_read.worthwhile(path.stat().st_size):
+        return None
+    share = _split_read.SHARE_WITH_DOCUMENT if document else _split_read.SHARE_TABLES_ONLY
+    point = split_point(path, share)
+    if point is None:
+        return None
+    offset, first_theirs = point
+    block = _jsonfile.BLOCK
+    try:
+        helper = _split_read.Helper(path, offset, block)
+    except Exception:  # noqa: BLE001 - no process can be started here (a daemon, limits): read in one
+        return None
+    found: dict[str, Any] = {}
+    pieces: list[Tables] = []
+    mine: set[str] = set()
+    embryos: dict[str, Any] = {}
+    n_parsed = 0
+    met = False
+    vocab: dict[str, Any] = {}
+    with helper:
+        try:
+            with paused_gc():
+                stream = stream_embryos(path, block, found)
+                try:
+                    for piece in stream:
+                        if not vocab:
+                            if is_legacy(found["head"]):
+                                return None
+                            vocab = _vocabulary_of(found["head"])
+                            sets = vocab_sets(vocab)
+                        if document:
+                            embryos.update(piece)
+                            n_parsed += len(piece)
+                        if not met:
+                            if first_theirs in piece:
+                                met = True
+                                names = list(piece)
+                                piece = {k: piece[k] for k in names[: names.index(first_theirs)]}
+                            if piece:
+                                add_block(pieces, mine, piece, sets)
+                            if met and not document:
+                                break
+                        del piece
+                finally:
+                    stream.close()
+                if document:
+                    doc = found["rest"]
+                    doc["embryos"] = embryos
+                    if _FREEZE_PARSED:
+                        gc.freeze()
+                        _KEPT[:] = [doc]
+                # Still paused: a collection now would walk the whole document.
+                theirs = helper.result() if met else None
+        except (OtherLayout, orjson.JSONDecodeError, ValueError):
+            return None
+    fingerprint = _stat_fingerprint(found["stat"])
+    if (
+        theirs is None
+        or theirs[3] != fingerprint
+        or _fingerprint(path) != fingerprint
+        or not theirs[1]
+        or theirs[1][0] != first_theirs
+        or not mine.isdisjoint(theirs[1])
+        or (document and not n_parsed == len(embryos) == len(mine) + len(theirs[1]))
+    ):
+        return Store(doc, path=path) if document else None
+    their_pieces, _, rest, _ = theirs
+    tables = combine_pieces([*pieces, *their_pieces], rest, vocab)
+    if tables.problems:  # the one-process read words them (and orders them) as usual
+        return Store(doc, path=path) if document else None
+    store = Store._from_tables(rest, tables, path=path, fingerprint=fingerprint)
+    if document:
+        store.doc = doc
+    return store
 
 
 def _vocabulary_of(doc: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,164 @@
+"""Large stores read with a helper process: same store, same errors, never a second run of the caller.
+
+A store file of at least ``_split_read.MIN_BYTES`` is cut in two at an
+embryo boundary; a helper interpreter builds the tables of the embryos after
+the cut while this process builds the others (and parses the document when
+asked to). These tests lower the threshold and the read block so that small
+stores take that path, and hold it to the one-process read. Every split read
+starts a real helper process (about 1.5 s each).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pandas as pd
+import pytest
+
+import pipeline
+from pipeline import _jsonfile, _split_read, store
+from pipeline._jsonfile import DUMP_OPTIONS, split_point
+from pipeline.errors import StoreFormatError
+from pipeline.testing import make_document
+
+
+@pytest.fixture
+def split(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Split every read (2 KB blocks); the list receives what each helper sent."""
+    monkeypatch.setattr(_split_read, "MIN_BYTES", 0)
+    monkeypatch.setattr(_jsonfile, "BLOCK", 2048)
+    sent: list[Any] = []
+    result = _split_read.Helper.result
+
+    def spy(self: _split_read.Helper) -> Any:
+        got = result(self)
+        sent.append(got)
+        return got
+
+    monkeypatch.setattr(_split_read.Helper, "result", spy)
+    return sent
+
+
+@pytest.fixture
+def doc() -> dict[str, Any]:
+    return make_document(n_experiments=3, n_embryos=10, n_frames=12, seed=11)
+
+
+def write(path: Path, doc: dict[str, Any]) -> Path:
+    path.write_bytes(orjson.dumps(doc, option=DUMP_OPTIONS))
+    return path
+
+
+def one_process(path: Path, document: bool) -> pipeline.Store:
+    """The same read without a helper."""
+    saved = _split_read.MIN_BYTES
+    _split_read.MIN_BYTES = 1 << 62
+    try:
+        return pipeline.read_store(path, document=document)
+    finally:
+        _split_read.MIN_BYTES = saved
+
+
+def assert_same(got: pipeline.Store, want: pipeline.Store) -> None:
+    pd.testing.assert_frame_equal(got.snip_table(), want.snip_table())
+    assert got.counts() == want.counts()
+    assert got.video_ids() == want.video_ids()
+    assert got.vocabulary == want.vocabulary
+    assert got.head == want.head
+
+
+def test_split_point_is_an_embryo_boundary(tmp_path, doc):
+    path = write(tmp_path / "store.json", doc)
+    text = path.read_bytes()
+    ids = list(doc["embryos"])
+    for fraction in (0.0, 0.3, 0.7):
+        offset, key = split_point(path, fraction)
+        assert text[offset : offset + 7] == b',\n    "'
+        assert key in ids[1:]
+        assert text[offset + 6 :].startswith(orjson.dumps(key))
+    compact = tmp_path / "compact.json"
+    compact.write_bytes(orjson.dumps(doc))
+    assert split_point(compact, 0.5) is None  # not the layout this package writes
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.5, 0.95])
+@pytest.mark.parametrize("document", [False, True])
+def test_a_split_read_equals_the_one_process_read(tmp_path, doc, split, monkeypatch, fraction, document):
+    monkeypatch.setattr(_split_read, "SHARE_TABLES_ONLY", fraction)
+    monkeypatch.setattr(_split_read, "SHARE_WITH_DOCUMENT", fraction)
+    path = write(tmp_path / "store.json", doc)
+    got = pipeline.read_store(path, document=document)
+    assert split and split[-1] is not None, "the helper sent its pieces"
+    pieces, ids, rest, _ = split[-1]
+    assert 0 < len(ids) < len(doc["embryos"])
+    assert ids == list(doc["embryos"])[-len(ids) :]  # the embryos after the cut, in file order
+    assert rest["embryos"] == {}
+    assert got.has_document is document
+    assert_same(got, one_process(path, document))
+    assert got.doc == doc
+
+
+def test_an_invalid_store_gives_the_one_process_errors(tmp_path, doc, split):
+    embryos = list(doc["embryos"].values())
+    first_snip = next(iter(embryos[0]["snips"].values()))
+    first_snip["phenotype"]["value"] = "NOT_A_PHENOTYPE"
+    embryos[-1]["death_frame"] = 3
+    path = write(tmp_path / "store.json", doc)
+    for document in (False, True):
+        with pytest.raises(StoreFormatError) as helped:
+            pipeline.read_store(path, document=document)
+        with pytest.raises(StoreFormatError) as alone:
+            one_process(path, document)
+        assert helped.value.problems == alone.value.problems
+        assert str(helped.value) == str(alone.value)
+    assert len(split) == 2  # both reads were split, and fell back for the messages
+
+
+def test_a_helper_that_fails_changes_nothing(tmp_path, doc, split, monkeypatch):
+    path = write(tmp_path / "store.json", doc)
+    # The helper is given an offset that is no embryo boundary: it sends None.
+    monkeypatch.setattr(store, "split_point", lambda p, share: (5, next(reversed(doc["embryos"]))))
+    for document in (False, True):
+        got = pipeline.read_store(path, document=document)
+        assert split[-1] is None
+        assert_same(got, one_process(path, document))
+
+
+def test_a_cut_past_the_embryos_is_not_trusted(tmp_path, doc, split, monkeypatch):
+    # The flags section follows the embryos; a cut there names no embryo.
+    path = write(tmp_path / "store.json", doc)
+    text = path.read_bytes()
+    offset = text.index(b',\n    "video"', text.index(b'\n  "flags"'))
+    monkeypatch.setattr(store, "split_point", lambda p, share: (offset, "video"))
+    for document in (False, True):
+        assert_same(pipeline.read_store(path, document=document), one_process(path, document))
+
+
+def test_a_script_without_a_main_guard_is_not_run_again(tmp_path, doc):
+    # A multiprocessing child would import the caller's main script again;
+    # the helper is a fresh interpreter that imports only the package.
+    path = write(tmp_path / "store.json", doc)
+    marks = tmp_path / "marks.txt"
+    script = tmp_path / "script.py"
+    script.write_text(
+        "from pipeline import _jsonfile, _split_read, read_store\n"
+        "_split_read.MIN_BYTES = 0\n"
+        "_jsonfile.BLOCK = 2048\n"
+        "result = _split_read.Helper.result\n"
+        "_split_read.Helper.result = lambda self: print('helped', result(self) is not None) or None\n"
+        f"open({str(marks)!r}, 'a').write('ran\\n')\n"
+        f"print(read_store({str(path)!r}).counts()['snips'])\n"
+    )
+    root = Path(pipeline.__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, check=True, cwd=tmp_path,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+    )
+    helped, snips = done.stdout.splitlines()
+    assert helped == "helped True"  # the helper read its part (its result is then dropped)
+    assert int(snips) == pipeline.read_store(path).counts()["snips"]
+    assert marks.read_text() == "ran\n"
