@@ -26,7 +26,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Self
 
-__all__ = ["MIN_BYTES", "SHARE_WITH_DOCUMENT", "SHARE_TABLES_ONLY", "worthwhile", "Helper"]
+__all__ = ["MIN_BYTES", "SHARE_WITH_DOCUMENT", "SHARE_TABLES_ONLY", "SHARE_WITH_CLUSTER", "worthwhile", "Helper"]
 
 #: Files smaller than this are read in one process: the helper's own start
 #: (a new interpreter importing the package, about 1.5 s of its CPU) would
@@ -34,9 +34,12 @@ __all__ = ["MIN_BYTES", "SHARE_WITH_DOCUMENT", "SHARE_TABLES_ONLY", "worthwhile"
 MIN_BYTES = 96 << 20
 #: How far into the embryos the cut goes when this process also parses the
 #: whole document (it then parses every embryo, the helper only its part) ...
-SHARE_WITH_DOCUMENT = 0.45
-#: ... and when both read tables only (the helper starts later).
+SHARE_WITH_DOCUMENT = 0.6
+#: ... and when both read tables only (the helper starts later) ...
 SHARE_TABLES_ONLY = 0.58
+#: ... and when the command line starts an embedded cluster meanwhile (about
+#: 1.4 s of this process: imports, dashboard) and keeps the document.
+SHARE_WITH_CLUSTER = 0.5
 
 
 def worthwhile(size: int) -> bool:

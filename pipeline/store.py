@@ -26,10 +26,10 @@ import gc
 import itertools
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import orjson
@@ -885,6 +885,12 @@ def read_store(path: str | os.PathLike[str], *, quiet: bool = False, document: b
         and True for smaller ones. Files in another layout, legacy files and
         files with errors are always parsed whole.
 
+        On a machine with two or more cores, a file of 96 MB or more
+        (``pipeline._split_read.MIN_BYTES``) in that layout is read on two:
+        a helper interpreter builds the tables of the embryos after a cut
+        while this process builds the others (and, with True, parses the
+        whole document). Same store, same errors; the helper exits when done.
+
     Returns
     -------
     Store
@@ -979,37 +985,107 @@ def _read_tables_only(path: Path) -> Store:
 def _read_split(path: Path, *, document: bool) -> Store | None:
     """Read a large store with a helper process building part of its tables.
 
-    See :mod:`pipeline._split_read`. This process builds the tables of the
-    embryos before the cut (and with *document* parses every embryo into the
-    document), the helper those after it, at the same time on two cores.
+    See :mod:`pipeline._split_read` and :class:`SplitRead`.
 
     Returns
     -------
     Store or None
         The store; None when the one-process read must do it (nothing is
-        kept). With *document*, once the whole document is parsed, a failed
-        split builds the store from it the usual way instead.
+        kept).
     """
-    if not _split_read.worthwhile(path.stat().st_size):
+    started = SplitRead.start(path, document=document)
+    if started is None:
         return None
-    share = _split_read.SHARE_WITH_DOCUMENT if document else _split_read.SHARE_TABLES_ONLY
-    point = split_point(path, share)
-    if point is None:
-        return None
-    offset, first_theirs = point
-    block = _jsonfile.BLOCK
-    try:
-        helper = _split_read.Helper(path, offset, block)
-    except Exception:  # noqa: BLE001 - no process can be started here (a daemon, limits): read in one
-        return None
-    found: dict[str, Any] = {}
-    pieces: list[Tables] = []
-    mine: set[str] = set()
-    embryos: dict[str, Any] = {}
-    n_parsed = 0
-    met = False
-    vocab: dict[str, Any] = {}
-    with helper:
+    with started:
+        return started.finish()
+
+
+class SplitRead:
+    """A store read whose helper process is already at work.
+
+    :meth:`start` cuts the embryos and starts the helper on those after the
+    cut; :meth:`finish` builds the tables of those before it (and with
+    *document* parses every embryo into the document), both at once on two
+    cores, then joins the helper's part. Between the two the caller may do
+    other work, and :meth:`finish` can run more once its own part is done
+    (the command line starts its cluster there), which the helper's start-up
+    and part absorb. Use as a context manager: leaving it stops a helper
+    whose result was not taken.
+    """
+
+    def __init__(self, path: Path, document: bool, first_theirs: str, helper: _split_read.Helper) -> None:
+        self.path, self.document = path, document
+        self._first_theirs, self._helper = first_theirs, helper
+
+    @classmethod
+    def start(cls, path: str | os.PathLike[str], *, document: bool, share: float | None = None) -> SplitRead | None:
+        """Start reading *path* with a helper, or None when one would not help.
+
+        Parameters
+        ----------
+        path : path-like
+            A store file.
+        document : bool
+            Whether :meth:`finish` keeps the document.
+        share : float, optional
+            Part of the embryos this process reads (default
+            ``_split_read.SHARE_WITH_DOCUMENT`` or ``SHARE_TABLES_ONLY``);
+            smaller when the caller has other work to do meanwhile.
+        """
+        path = Path(path)
+        try:
+            if not path.is_file() or not _split_read.worthwhile(path.stat().st_size):
+                return None
+            if share is None:
+                share = _split_read.SHARE_WITH_DOCUMENT if document else _split_read.SHARE_TABLES_ONLY
+            point = split_point(path, share)
+        except OSError:
+            return None  # read_store says what is wrong with the path
+        if point is None:
+            return None
+        offset, first_theirs = point
+        try:
+            helper = _split_read.Helper(path, offset, _jsonfile.BLOCK)
+        except Exception:  # noqa: BLE001 - no process can be started here (a daemon, limits): read in one
+            return None
+        return cls(path, document, first_theirs, helper)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._helper.__exit__(*exc)
+
+    def finish(self, meanwhile: Callable[[], object] | None = None) -> Store | None:
+        """Read this process's part and join the helper's.
+
+        Parameters
+        ----------
+        meanwhile : callable, optional
+            Called once this process's part is read and found sound, while
+            the helper may still be at work (the command line starts its
+            cluster there). Not called when the read falls back.
+
+        Returns
+        -------
+        Store or None
+            The store; None when the one-process read must do it (nothing is
+            kept). With *document*, once the whole document is parsed, a
+            failed split builds the store from it the usual way instead.
+
+        Raises
+        ------
+        StoreFormatError
+            With *document*, as :func:`read_store`.
+        """
+        path, document, first_theirs, block = self.path, self.document, self._first_theirs, _jsonfile.BLOCK
+        found: dict[str, Any] = {}
+        pieces: list[Tables] = []
+        mine: set[str] = set()
+        embryos: dict[str, Any] = {}
+        n_parsed = 0
+        met = False
+        vocab: dict[str, Any] = {}
         try:
             with paused_gc():
                 stream = stream_embryos(path, block, found)
@@ -1041,29 +1117,31 @@ def _read_split(path: Path, *, document: bool) -> Store | None:
                     if _FREEZE_PARSED:
                         gc.freeze()
                         _KEPT[:] = [doc]
+                if met and meanwhile is not None and not any(piece.problems for piece in pieces):
+                    meanwhile()
                 # Still paused: a collection now would walk the whole document.
-                theirs = helper.result() if met else None
+                theirs = self._helper.result() if met else None
         except (OtherLayout, orjson.JSONDecodeError, ValueError):
             return None
-    fingerprint = _stat_fingerprint(found["stat"])
-    if (
-        theirs is None
-        or theirs[3] != fingerprint
-        or _fingerprint(path) != fingerprint
-        or not theirs[1]
-        or theirs[1][0] != first_theirs
-        or not mine.isdisjoint(theirs[1])
-        or (document and not n_parsed == len(embryos) == len(mine) + len(theirs[1]))
-    ):
-        return Store(doc, path=path) if document else None
-    their_pieces, _, rest, _ = theirs
-    tables = combine_pieces([*pieces, *their_pieces], rest, vocab)
-    if tables.problems:  # the one-process read words them (and orders them) as usual
-        return Store(doc, path=path) if document else None
-    store = Store._from_tables(rest, tables, path=path, fingerprint=fingerprint)
-    if document:
-        store.doc = doc
-    return store
+        fingerprint = _stat_fingerprint(found["stat"])
+        if (
+            theirs is None
+            or theirs[3] != fingerprint
+            or _fingerprint(path) != fingerprint
+            or not theirs[1]
+            or theirs[1][0] != first_theirs
+            or not mine.isdisjoint(theirs[1])
+            or (document and not n_parsed == len(embryos) == len(mine) + len(theirs[1]))
+        ):
+            return Store(doc, path=path) if document else None
+        their_pieces, _, rest, _ = theirs
+        tables = combine_pieces([*pieces, *their_pieces], rest, vocab)
+        if tables.problems:  # the one-process read words them (and orders them) as usual
+            return Store(doc, path=path) if document else None
+        store = Store._from_tables(rest, tables, path=path, fingerprint=fingerprint)
+        if document:
+            store.doc = doc
+        return store
 
 
 def _vocabulary_of(doc: dict[str, Any]) -> dict[str, Any]:

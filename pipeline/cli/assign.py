@@ -122,21 +122,63 @@ def _finish(args: argparse.Namespace, report: object) -> int:
     return report.exit_code
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, started: Any = None, meanwhile: Any = None):
     from pipeline.phenotypes import read_assignments
     from pipeline.store import read_store
 
-    store = read_store(args.store, document=True)
-    table = read_assignments(Path(args.assignments), sheet_name=args.sheet)
-    return store, table
+    tables: list[pd.DataFrame] = []
+
+    def read_table() -> None:
+        # Before the runtime opens: unusable assignments start no cluster.
+        tables.append(read_assignments(Path(args.assignments), sheet_name=args.sheet))
+        if meanwhile is not None:
+            meanwhile()
+
+    store = started.finish(read_table) if started is not None else None
+    if store is None:
+        store = read_store(args.store, document=True)
+    if not tables:
+        tables.append(read_assignments(Path(args.assignments), sheet_name=args.sheet))
+    return store, tables[0]
+
+
+def _start_read(args: argparse.Namespace) -> Any:
+    """Start reading a large store with a helper process (see ``pipeline.store.SplitRead``), or None.
+
+    Once this process has read its part (and found it sound), the command
+    opens its runtime while the helper finishes: an embedded cluster's start
+    (imports, dashboard: about 1.4 s of this process) leaves this process
+    less of the store to read. A store that fails to load starts no cluster
+    (unless its problems lie in the helper's part only).
+    """
+    from pipeline import _split_read
+    from pipeline.cluster import _parse_scheduler
+    from pipeline.store import SplitRead
+
+    try:
+        embedded = _parse_scheduler(getattr(args, "scheduler", None)) == "local"
+    except ValueError:
+        return None  # the runtime reports it
+    share = _split_read.SHARE_WITH_CLUSTER if embedded else None
+    return SplitRead.start(args.store, document=True, share=share)
 
 
 def run_assign(args: argparse.Namespace) -> int:
     """Assign phenotypes and merge (or preview)."""
     import pipeline
 
-    store, table = _load(args)
-    with runtime(args):
+    with contextlib.ExitStack() as stack:
+        started = _start_read(args)
+        if started is not None:
+            stack.enter_context(started)
+        opened: list[Any] = []
+
+        def open_runtime() -> None:
+            opened.append(stack.enter_context(runtime(args)))
+
+        store, table = _load(args, started, open_runtime)
+        if not opened:
+            open_runtime()
         changes = _phenotype_changes(store, table, args)
         with checkpoint_notes(args):
             report = pipeline.merge_into_store(
