@@ -17,16 +17,19 @@ and messages: the helper only ever saves time.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import gc
 import os
 import pickle
 import subprocess
 import sys
-from itertools import chain
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Self
 
-__all__ = ["MIN_BYTES", "SHARE_WITH_DOCUMENT", "SHARE_TABLES_ONLY", "SHARE_WITH_CLUSTER", "worthwhile", "Helper"]
+__all__ = ["MIN_BYTES", "SHARE_WITH_DOCUMENT", "SHARE_TABLES_ONLY", "SHARE_WITH_CLUSTER", "SHARE_TABLES_ONLY_WITH_CLUSTER", "worthwhile", "off", "Helper"]
 
 #: Files smaller than this are read in one process: the helper's own start
 #: (a new interpreter importing the package, about 1.5 s of its CPU) would
@@ -34,17 +37,32 @@ __all__ = ["MIN_BYTES", "SHARE_WITH_DOCUMENT", "SHARE_TABLES_ONLY", "SHARE_WITH_
 MIN_BYTES = 96 << 20
 #: How far into the embryos the cut goes when this process also parses the
 #: whole document (it then parses every embryo, the helper only its part) ...
-SHARE_WITH_DOCUMENT = 0.6
+SHARE_WITH_DOCUMENT = 0.55
 #: ... and when both read tables only (the helper starts later) ...
 SHARE_TABLES_ONLY = 0.58
 #: ... and when the command line starts an embedded cluster meanwhile (about
 #: 1.4 s of this process: imports, dashboard) and keeps the document.
-SHARE_WITH_CLUSTER = 0.5
+SHARE_WITH_CLUSTER = 0.45
+#: ... or reads tables only.
+SHARE_TABLES_ONLY_WITH_CLUSTER = 0.45
+
+
+_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("pipeline_split_read_off", default=False)
 
 
 def worthwhile(size: int) -> bool:
-    """Whether a file of *size* bytes is worth a helper process on this machine."""
-    return size >= MIN_BYTES and _cpus() >= 2
+    """Whether a file of *size* bytes is worth a helper process on this machine (and not :func:`off`)."""
+    return size >= MIN_BYTES and not _OFF.get() and _cpus() >= 2
+
+
+@contextlib.contextmanager
+def off() -> Iterator[None]:
+    """Read in one process within this context (after a split read fell back: it would again)."""
+    token = _OFF.set(True)
+    try:
+        yield
+    finally:
+        _OFF.reset(token)
 
 
 def _cpus() -> int:
@@ -54,88 +72,127 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
+#: The helper's start: the package's modules without its ``__init__`` (the
+#: public API imports Dask, which the helper does not need: 40 MB and 0.4 s
+#: less), then :func:`_main` with the arguments.
+_BOOT = """\
+import importlib.util, sys
+folder = sys.argv[1]
+spec = importlib.util.spec_from_file_location("pipeline", folder + "/__init__.py", submodule_search_locations=[folder])
+sys.modules["pipeline"] = importlib.util.module_from_spec(spec)  # not executed
+from pipeline._split_read import _main
+_main(sys.argv[2:])
+"""
+
+
 class Helper:
     """The helper process reading the embryos from byte *offset* of *path* on.
 
-    A new interpreter (``python -m pipeline._split_read``), not a
+    A new interpreter (``python -c``, see ``_BOOT``), not a
     ``multiprocessing`` child: that would run the caller's main script again
-    in the helper. It imports this same package and sends its result,
-    pickled, through a pipe of its own. Use as a context manager: leaving it
-    stops the process if its result was not received.
+    in the helper. It imports this same package's modules and writes the
+    tables of each block of embryos, pickled, to an unnamed temporary file
+    as soon as they are built (so it never holds them all, and never waits
+    for this process, which is busy with its own part), then says "end" or
+    "fail" on a pipe of its own. Use as a context manager: leaving it stops
+    the process if its result was not received.
     """
 
     def __init__(self, path: Path, offset: int, block: int) -> None:
-        import pipeline
-
+        self._spill = tempfile.TemporaryFile()  # noqa: SIM115 - closed by __exit__; unlinked: nothing is left behind
         read_end, write_end = os.pipe()
-        root = str(Path(pipeline.__file__).resolve().parents[1])
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        package = str(Path(__file__).resolve().parent)
+        fds = (write_end, self._spill.fileno())
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "pipeline._split_read", str(path), str(offset), str(block), str(write_end)],
-                pass_fds=(write_end,),
+                [sys.executable, "-c", _BOOT, package, str(path), str(offset), str(block), *map(str, fds)],
+                pass_fds=fds,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-                env=env,
             )
         except BaseException:
             os.close(read_end)
+            self._spill.close()
             raise
         finally:
             os.close(write_end)
-        self._receive = os.fdopen(read_end, "rb")
+        self._status = os.fdopen(read_end, "rb")
         self._received = False
 
     def result(self) -> tuple[list[Any], list[str], dict[str, Any], tuple[int, int, int]] | None:
         """The helper's ``(pieces, embryo ids, rest of the document, file fingerprint)``, or None if it failed."""
         try:
-            got = pickle.load(self._receive)
-        except Exception:  # noqa: BLE001 - it died or sent nothing usable
+            status = self._status.read()  # until the helper closes its end
+        finally:
+            self._received = True
+            self._process.wait()
+        if status != b"end":
             return None
-        self._received = True
-        return got
+        pieces: list[Any] = []
+        ids: list[str] = []
+        self._spill.seek(0)
+        try:
+            while (message := pickle.load(self._spill))[0] == "piece":
+                pieces.append(message[1])
+                ids.extend(message[2])
+        except Exception:  # noqa: BLE001 - a spill file cut short: read in one process
+            return None
+        _, rest, fingerprint = message
+        return pieces, ids, rest, fingerprint
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._receive.close()
         if not self._received:
             self._process.kill()  # its pieces are not wanted (any more)
         self._process.wait()
+        self._status.close()
+        self._spill.close()
 
 
 def _main(argv: list[str]) -> None:
-    # The helper's entry point: whatever goes wrong, it sends None.
-    path, offset, block, fd = argv
-    try:
-        result = _read_after(Path(path), int(offset), int(block))
-    except Exception:  # noqa: BLE001 - any failure means "read it in one process"
-        result = None
-    with os.fdopen(int(fd), "wb") as send:
-        pickle.dump(result, send, protocol=pickle.HIGHEST_PROTOCOL)
+    # The helper's entry point: the pieces to the spill file, then "end" on
+    # the status pipe; whatever goes wrong, "fail".
+    path, offset, block, status_fd, spill_fd = argv
+    with os.fdopen(int(status_fd), "wb") as status:
+        try:
+            with os.fdopen(int(spill_fd), "wb", closefd=False) as spill:
+
+                def put(*message: Any) -> None:
+                    pickle.dump(message, spill, protocol=pickle.HIGHEST_PROTOCOL)
+
+                done = _read_after(Path(path), int(offset), int(block), put)
+        except Exception:  # noqa: BLE001 - any failure means "read it in one process"
+            done = False
+        status.write(b"end" if done else b"fail")
 
 
-def _read_after(path: Path, offset: int, block: int) -> tuple[Any, ...] | None:
+def _read_after(path: Path, offset: int, block: int, put: Callable[..., None]) -> bool:
     from pipeline._jsonfile import stream_embryos
-    from pipeline._tables import block_tables
+    from pipeline._tables import add_block, vocab_sets
     from pipeline.legacy import is_legacy
     from pipeline.store import _stat_fingerprint, _vocabulary_of
 
     gc.disable()  # a short-lived process of acyclic objects (see store.paused_gc)
     found: dict[str, Any] = {}
     stream = stream_embryos(path, block, found, skip_to=offset)
-    first = next(stream, None)
-    if first is None or is_legacy(found["head"]):
-        return None
-    vocab = _vocabulary_of(found["head"])
-    pieces, ids = block_tables(chain([first], stream), vocab)
-    rest = found["rest"]
-    if is_legacy(rest) or _vocabulary_of(rest) != vocab:
-        return None
-    return pieces, ids, rest, _stat_fingerprint(found["stat"])
-
-
-if __name__ == "__main__":
-    _main(sys.argv[1:])
+    sets: dict[str, Any] = {}
+    vocab: dict[str, Any] = {}
+    seen: set[str] = set()
+    for piece in stream:
+        if not vocab:
+            if is_legacy(found["head"]):
+                return False
+            vocab = _vocabulary_of(found["head"])
+            sets = vocab_sets(vocab)
+        tables: list[Any] = []
+        add_block(tables, seen, piece, sets)
+        put("piece", tables[0], list(piece))
+        del piece, tables
+    rest = found.get("rest")
+    if not vocab or is_legacy(rest) or _vocabulary_of(rest) != vocab:
+        return False
+    put("end", rest, _stat_fingerprint(found["stat"]))
+    return True

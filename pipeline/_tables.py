@@ -215,28 +215,6 @@ def add_block(pieces: list[Tables], embryo_ids: set[str], block: dict[str, Any],
     pieces.append(_embryo_tables(block, sets))
 
 
-def block_tables(blocks: Iterator[dict[str, Any]], vocab: dict[str, Any]) -> tuple[list[Tables], list[str]]:
-    """The tables of consecutive blocks of embryos, and their embryo ids in file order.
-
-    For a process that reads part of a store's embryos for another, which
-    joins the pieces with its own (:func:`combine_pieces`).
-
-    Raises
-    ------
-    ValueError
-        If an embryo id appears twice among the blocks.
-    """
-    sets = vocab_sets(vocab)
-    pieces: list[Tables] = []
-    seen: set[str] = set()
-    ids: list[str] = []
-    for block in blocks:
-        add_block(pieces, seen, block, sets)
-        ids.extend(block)
-        del block
-    return pieces, ids
-
-
 def combine_pieces(pieces: list[Tables], head: dict[str, Any], vocab: dict[str, Any]) -> Tables:
     """Join the tables of consecutive blocks into the store's tables.
 

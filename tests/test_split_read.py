@@ -10,6 +10,7 @@ starts a real helper process (about 1.5 s each).
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -92,8 +93,9 @@ def test_a_split_read_equals_the_one_process_read(tmp_path, doc, split, monkeypa
     monkeypatch.setattr(_split_read, "SHARE_WITH_DOCUMENT", fraction)
     path = write(tmp_path / "store.json", doc)
     got = pipeline.read_store(path, document=document)
-    assert split and split[-1] is not None, "the helper sent its pieces"
-    pieces, ids, rest, _ = split[-1]
+    assert split, "the read was split"
+    assert split[-1] is not None, "the helper sent its pieces"
+    _, ids, rest, _ = split[-1]
     assert 0 < len(ids) < len(doc["embryos"])
     assert ids == list(doc["embryos"])[-len(ids) :]  # the embryos after the cut, in file order
     assert rest["embryos"] == {}
@@ -162,3 +164,67 @@ def test_a_script_without_a_main_guard_is_not_run_again(tmp_path, doc):
     assert helped == "helped True"  # the helper read its part (its result is then dropped)
     assert int(snips) == pipeline.read_store(path).counts()["snips"]
     assert marks.read_text() == "ran\n"
+
+
+def test_finish_runs_the_callers_work_once_its_own_part_is_sound(tmp_path, doc, split):
+    path = write(tmp_path / "store.json", doc)
+    calls: list[str] = []
+    with store.SplitRead.start(path, document=True) as started:
+        got = started.finish(lambda: calls.append("meanwhile"))
+    assert calls == ["meanwhile"]
+    assert split[-1] is not None
+    assert_same(got, one_process(path, True))
+    # A problem in this process's part: the read falls back before the work.
+    first = next(iter(doc["embryos"].values()))
+    next(iter(first["snips"].values()))["phenotype"]["value"] = "NOT_A_PHENOTYPE"
+    write(path, doc)
+    with store.SplitRead.start(path, document=True) as started, pytest.raises(StoreFormatError):
+        started.finish(lambda: calls.append("meanwhile"))
+    assert calls == ["meanwhile"]
+
+
+@pytest.mark.parametrize("where", [["--scheduler", "sync"], ["--dashboard-address", "none"]])
+def test_the_assign_command_writes_the_same_store_with_a_helper(tmp_path, doc, split, where):
+    # The default (an embedded cluster) opens its runtime while the helper
+    # finishes; the store written is the one-process read's.
+    from pipeline.cli import main
+
+    rows = tmp_path / "rows.csv"
+    ids = list(doc["embryos"])
+    pd.DataFrame({
+        "embryo_id": [ids[0], ids[-1], ids[len(ids) // 2], "20990101_A01_e01"],
+        "phenotype": ["EDEMA", "BODY_AXIS", "DEAD", "EDEMA"],
+        "frames": ["[0:3]", "last", "[5:]", "all"],
+    }).to_csv(rows, index=False)
+    written = []
+    for name, helped in (("helped.json", True), ("alone.json", False)):
+        path = write(tmp_path / name, doc)
+        if not helped:
+            _split_read.MIN_BYTES = 1 << 62
+        code = main(["assign", str(path), str(rows), "--author", "tester", "--quiet", *where])
+        assert code == 1  # the unknown embryo's row failed, the others applied
+        saved = orjson.loads(path.read_bytes())
+        saved["file_info"].pop("last_updated")
+        written.append(orjson.dumps(saved).decode())
+    assert len(split) == 1
+    assert split[0] is not None
+    stamp = r'"timestamp":"[^"]*"'
+    assert re.sub(stamp, "", written[0]) == re.sub(stamp, "", written[1])
+    assert '"BODY_AXIS"' in written[0]
+
+
+def test_the_export_command_writes_the_same_table_with_a_helper(tmp_path, doc, split):
+    from pipeline.cli import main
+
+    path = write(tmp_path / "store.json", doc)
+    outs = []
+    for name, helped in (("helped", True), ("alone", False)):
+        if not helped:
+            _split_read.MIN_BYTES = 1 << 62
+        out = tmp_path / name
+        assert main(["export", str(path), str(out), "--quiet", "--dashboard-address", "none"]) == 0
+        outs.append(pd.read_parquet(out).sort_index())
+    assert len(split) == 1
+    assert split[0] is not None
+    pd.testing.assert_frame_equal(outs[0], outs[1])
+    assert len(outs[0]) == pipeline.read_store(path).counts()["snips"]

@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.cli._common import add_runtime_options, runtime, say
+from pipeline.cli._common import add_runtime_options, read_then_runtime, say
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -122,45 +122,18 @@ def _finish(args: argparse.Namespace, report: object) -> int:
     return report.exit_code
 
 
-def _load(args: argparse.Namespace, started: Any = None, meanwhile: Any = None):
+def _load(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[Any, pd.DataFrame]:
+    """The store (with its document) and the assignments, then the runtime opened in *stack*."""
     from pipeline.phenotypes import read_assignments
     from pipeline.store import read_store
 
     tables: list[pd.DataFrame] = []
-
-    def read_table() -> None:
-        # Before the runtime opens: unusable assignments start no cluster.
-        tables.append(read_assignments(Path(args.assignments), sheet_name=args.sheet))
-        if meanwhile is not None:
-            meanwhile()
-
-    store = started.finish(read_table) if started is not None else None
-    if store is None:
-        store = read_store(args.store, document=True)
-    if not tables:
-        tables.append(read_assignments(Path(args.assignments), sheet_name=args.sheet))
+    store = read_then_runtime(
+        args, stack, document=True,
+        read=lambda: read_store(args.store, document=True),
+        then=lambda: tables.append(read_assignments(Path(args.assignments), sheet_name=args.sheet)),
+    )
     return store, tables[0]
-
-
-def _start_read(args: argparse.Namespace) -> Any:
-    """Start reading a large store with a helper process (see ``pipeline.store.SplitRead``), or None.
-
-    Once this process has read its part (and found it sound), the command
-    opens its runtime while the helper finishes: an embedded cluster's start
-    (imports, dashboard: about 1.4 s of this process) leaves this process
-    less of the store to read. A store that fails to load starts no cluster
-    (unless its problems lie in the helper's part only).
-    """
-    from pipeline import _split_read
-    from pipeline.cluster import _parse_scheduler
-    from pipeline.store import SplitRead
-
-    try:
-        embedded = _parse_scheduler(getattr(args, "scheduler", None)) == "local"
-    except ValueError:
-        return None  # the runtime reports it
-    share = _split_read.SHARE_WITH_CLUSTER if embedded else None
-    return SplitRead.start(args.store, document=True, share=share)
 
 
 def run_assign(args: argparse.Namespace) -> int:
@@ -168,17 +141,7 @@ def run_assign(args: argparse.Namespace) -> int:
     import pipeline
 
     with contextlib.ExitStack() as stack:
-        started = _start_read(args)
-        if started is not None:
-            stack.enter_context(started)
-        opened: list[Any] = []
-
-        def open_runtime() -> None:
-            opened.append(stack.enter_context(runtime(args)))
-
-        store, table = _load(args, started, open_runtime)
-        if not opened:
-            open_runtime()
+        store, table = _load(args, stack)
         changes = _phenotype_changes(store, table, args)
         with checkpoint_notes(args):
             report = pipeline.merge_into_store(
@@ -225,7 +188,8 @@ def run_genotypes(args: argparse.Namespace) -> int:
     """Assign genotypes and merge (or preview)."""
     import pipeline
 
-    store, table = _load(args)
+    store = pipeline.read_store(args.store, document=True)
+    table = pipeline.read_assignments(Path(args.assignments), sheet_name=args.sheet)
     changes = pipeline.assign_genotypes(store, table, author=args.author, overwrite=not args.no_overwrite)
     report = pipeline.merge_into_store(
         store, changes, dry_run=args.dry_run,

@@ -8,10 +8,17 @@ atomically, so an interrupted export leaves the previous one intact.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from typing import Any
 
-from pipeline.cli._common import UsageError, add_runtime_options, runtime, say
+from pipeline.cli._common import (
+    UsageError,
+    add_runtime_options,
+    read_then_runtime,
+    runtime,
+    say,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -83,13 +90,17 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(msg)
     start = time.perf_counter()
     source: Any = args.store
-    if args.what != "changes":
-        from pipeline.export import _read_for_export
+    with contextlib.ExitStack() as stack:
+        if args.what == "changes":
+            stack.enter_context(runtime(args))
+        else:
+            from pipeline.export import _read_for_export
 
-        # Read before an embedded cluster starts, as the other commands do: a
-        # store that fails to load starts no cluster.
-        source = _read_for_export(args.store, args.what)
-    with runtime(args):
+            # Read before an embedded cluster starts, as the other commands
+            # do: a store that fails to load starts no cluster.
+            source = read_then_runtime(
+                args, stack, document=args.what == "flags", read=lambda: _read_for_export(args.store, args.what)
+            )
         result = export_store(
             source,
             args.out,
