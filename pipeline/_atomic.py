@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import shutil
 import tempfile
 import threading
@@ -109,19 +110,24 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | Iterable[byte
 FLUSH_EVERY = 32 << 20
 
 
-def _write_pieces(handle: BinaryIO, pieces: Iterable[bytes]) -> None:
-    """Write pieces, handing what is written to the disk as the next ones are made.
+#: Pieces made ahead of the writer at most (a few MB each).
+WRITE_AHEAD = 8
 
-    Every :data:`FLUSH_EVERY` bytes, a background thread runs ``fdatasync`` on the
-    file while this one goes on producing pieces (the ``fdatasync`` waits for
-    the disk without holding the interpreter lock), so the final ``fsync`` has
-    only the rest to write. Durability is unchanged: the caller still fsyncs
-    before the rename, and an error of a background flush is raised here (an
-    error reported once must not be lost).
+
+def _write_pieces(handle: BinaryIO, pieces: Iterable[bytes]) -> None:
+    """Write pieces from a thread of their own while this one makes the next ones.
+
+    Making a piece (serialising part of a store) holds the interpreter lock;
+    writing it to the file does not, so the two overlap on two cores. Every
+    :data:`FLUSH_EVERY` bytes, another thread runs ``fdatasync`` on the file,
+    so the final ``fsync`` has only the rest to write. Durability is
+    unchanged: the caller still fsyncs before the rename. An error of a write
+    or of a background flush is raised here (an error reported once must not
+    be lost), and an error making a piece stops the writer first.
     """
     fd = handle.fileno()
-    flush: threading.Thread | None = None
-    failure: list[OSError] = []
+    failure: list[Exception] = []
+    ready: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=WRITE_AHEAD)
 
     def datasync() -> None:
         try:
@@ -129,19 +135,35 @@ def _write_pieces(handle: BinaryIO, pieces: Iterable[bytes]) -> None:
         except OSError as err:
             failure.append(err)
 
-    pending = 0
-    try:
-        for piece in pieces:
-            handle.write(piece)
-            pending += len(piece)
-            if pending >= FLUSH_EVERY and (flush is None or not flush.is_alive()):
-                handle.flush()
-                flush = threading.Thread(target=datasync, name="pipeline-flush", daemon=True)
-                flush.start()
-                pending = 0
-    finally:
+    def write() -> None:
+        flush: threading.Thread | None = None
+        pending = 0
+        while (piece := ready.get()) is not None:
+            if failure:
+                continue  # keep taking pieces so that the maker is never stuck
+            try:
+                handle.write(piece)
+                pending += len(piece)
+                if pending >= FLUSH_EVERY and (flush is None or not flush.is_alive()):
+                    handle.flush()
+                    flush = threading.Thread(target=datasync, name="pipeline-flush", daemon=True)
+                    flush.start()
+                    pending = 0
+            except Exception as err:  # noqa: BLE001 - raised by the maker's thread, below
+                failure.append(err)
         if flush is not None:
             flush.join()
+
+    writer = threading.Thread(target=write, name="pipeline-write", daemon=True)
+    writer.start()
+    try:
+        for piece in pieces:
+            if failure:
+                break
+            ready.put(piece)
+    finally:
+        ready.put(None)
+        writer.join()
     if failure:
         raise failure[0]
 

@@ -27,6 +27,7 @@ import itertools
 import os
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
@@ -819,9 +820,13 @@ def _sort_by_index(tables: Tables) -> None:
     columns = {name: tables.snips[name].array for name in tables.snips.columns}
     dtypes = tables.snips.dtypes.to_dict()
     tables.snips = None  # type: ignore[assignment]  # the only other reference
-    for key in list(columns):
-        columns[key] = _take(columns[key], order)
-    index = pd.Index(_take(index.array, order), name=index.name)
+    # Two columns at a time: Arrow's and numpy's takes release the interpreter lock.
+    names = list(columns)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="pipeline-sort") as pool:
+        index_values = pool.submit(_take, index.array, order)
+        for key, taken in zip(names, pool.map(lambda key: _take(columns[key], order), names), strict=True):
+            columns[key] = taken
+        index = pd.Index(index_values.result(), name=index.name)
     tables.snips = pd.DataFrame(columns, index=index, copy=False).astype(dtypes)
     pa.default_memory_pool().release_unused()
 

@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -1642,3 +1643,41 @@ def test_a_failed_background_flush_fails_the_write_and_keeps_the_old_file(tmp_pa
         _atomic.atomic_write_bytes(target, iter([b"x" * 20, b"y" * 20, b"z" * 20]))
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["store.json"]
+
+
+def test_a_failed_write_fails_the_save_and_keeps_the_old_file(tmp_path, monkeypatch):
+    from pipeline import _atomic
+
+    target = tmp_path / "store.json"
+    target.write_bytes(b"old")
+    monkeypatch.setattr(_atomic, "WRITE_AHEAD", 1)
+    made = []
+
+    def pieces():
+        for i in range(50):
+            made.append(i)
+            yield b"x" * 10 if i != 3 else "not bytes"  # the writer's write() raises TypeError
+
+    with pytest.raises(TypeError):
+        _atomic.atomic_write_bytes(target, pieces())
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["store.json"]
+    assert len(made) < 50  # the maker stopped soon after the failure
+
+
+def test_a_piece_that_cannot_be_made_stops_the_writer_and_keeps_the_old_file(tmp_path):
+    from pipeline import _atomic
+
+    target = tmp_path / "store.json"
+    target.write_bytes(b"old")
+
+    def pieces():
+        yield b"new"
+        msg = "cannot serialise"
+        raise ValueError(msg)
+
+    with pytest.raises(ValueError, match="cannot serialise"):
+        _atomic.atomic_write_bytes(target, pieces())
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["store.json"]
+    assert not [t for t in threading.enumerate() if t.name == "pipeline-write"]
