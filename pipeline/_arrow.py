@@ -8,6 +8,8 @@ a column of one repeated value); these helpers ask Arrow directly.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from typing import Any
 
 import numpy as np
@@ -15,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["arrow_strings", "differs_from_previous", "strictly_increasing", "repeated"]
+__all__ = ["arrow_strings", "differs_from_previous", "strictly_increasing", "repeated", "release_unused_memory"]
 
 
 def arrow_strings(values: Any) -> pa.Array | pa.ChunkedArray:
@@ -75,3 +77,28 @@ def strictly_increasing(values: Any) -> bool:
 def repeated(value: str | None, n: int) -> pd.api.extensions.ExtensionArray:
     """A string column (:data:`pipeline.schema.STRING`) holding *value* n times (None: missing)."""
     return pd.arrays.ArrowStringArray(pa.repeat(pa.scalar(value, pa.large_string()), n))
+
+
+def release_unused_memory() -> None:
+    """Hand freed memory back to the system: Arrow's allocator's, then the C allocator's.
+
+    Arrow's allocator keeps freed memory for reuse, and so does glibc's
+    ``malloc`` for arrays between 128 KB and 32 MB (numpy's, once it has freed
+    one that large); after a large table was dropped, the process's resident
+    size would otherwise stay as high as it was. ``malloc_trim`` is called
+    where the C library has it (glibc), and skipped elsewhere.
+    """
+    pa.default_memory_pool().release_unused()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    # Not ctypes.util.find_library: it runs ldconfig in a subprocess (a fork of
+    # this possibly large process).
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None

@@ -30,9 +30,9 @@ import dask.dataframe as dd
 import numpy as np
 import orjson
 import pandas as pd
-import pyarrow as pa
 
 from pipeline import changelog, ids
+from pipeline._arrow import release_unused_memory
 from pipeline._atomic import LOCK_TIMEOUT
 from pipeline._jsonschema import json_path
 from pipeline._tables import TIMESTAMP_PATTERN
@@ -210,7 +210,7 @@ def _compute(changes: pd.DataFrame | dd.DataFrame, progress: Callable[[int, int]
     table = compute(changes, progress=progress, stage="merge")
     # The tasks' Arrow temporaries are freed but kept by Arrow's allocator;
     # hand them back before the document grows with the batch's entries.
-    pa.default_memory_pool().release_unused()
+    release_unused_memory()
     return table
 
 

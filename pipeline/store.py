@@ -39,7 +39,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import _jsonfile, _split_read, ids
-from pipeline._arrow import arrow_strings, differs_from_previous, strictly_increasing
+from pipeline._arrow import (
+    arrow_strings,
+    differs_from_previous,
+    release_unused_memory,
+    strictly_increasing,
+)
 from pipeline._atomic import LOCK_TIMEOUT, atomic_write_bytes, store_lock
 from pipeline._jsonfile import (
     DUMP_OPTIONS,
@@ -805,30 +810,43 @@ class Store:
 
 
 def _sort_by_index(tables: Tables) -> None:
-    """Sort the snip table by its (unique) index, one column at a time.
+    """Sort the snip table by its (unique) index, a column or two at a time.
 
     ``DataFrame.sort_index`` holds the whole table twice; here the table is
     taken apart, each column's old values are released as soon as its sorted
     copy exists, and Arrow's allocator is asked to hand the freed memory back,
-    so a 1M-snip table costs one extra column at the peak, not a second table.
+    so a 1M-snip table costs one or two extra columns at the peak, not a
+    second table.
     """
     index = tables.snips.index
     ids = arrow_strings(index)
     order = _embryo_order(ids, arrow_strings(tables.snips["embryo_id"]))
     if order is None:
         order = pc.sort_indices(ids).to_numpy()
+    del ids
     columns = {name: tables.snips[name].array for name in tables.snips.columns}
     dtypes = tables.snips.dtypes.to_dict()
     tables.snips = None  # type: ignore[assignment]  # the only other reference
-    # Two columns at a time: Arrow's and numpy's takes release the interpreter lock.
-    names = list(columns)
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="pipeline-sort") as pool:
-        index_values = pool.submit(_take, index.array, order)
-        for key, taken in zip(names, pool.map(lambda key: _take(columns[key], order), names), strict=True):
-            columns[key] = taken
-        index = pd.Index(index_values.result(), name=index.name)
+    # Two columns at a time (Arrow's and numpy's takes release the interpreter
+    # lock), each pair's old values released before the next pair is taken.
+    name = index.name
+    columns[None] = index.array  # type: ignore[index]  # the index, taken with the columns
+    del index
+    keys = list(columns)
+    with ThreadPoolExecutor(max_workers=_SORT_THREADS, thread_name_prefix="pipeline-sort") as pool:
+        for pair in (keys[i : i + _SORT_THREADS] for i in range(0, len(keys), _SORT_THREADS)):
+            for key, values in zip(pair, pool.map(lambda key: _take(columns[key], order), pair), strict=True):
+                columns[key] = values
+            # Freed columns go back to the system now: the allocators would
+            # keep them for the thread that made them, not the takers.
+            release_unused_memory()
+    index = pd.Index(columns.pop(None), name=name)  # type: ignore[call-overload]
     tables.snips = pd.DataFrame(columns, index=index, copy=False).astype(dtypes)
-    pa.default_memory_pool().release_unused()
+    release_unused_memory()
+
+
+#: Columns taken at once when the snip table is sorted.
+_SORT_THREADS = 2
 
 
 def _take(values: Any, order: np.ndarray) -> Any:
@@ -1139,8 +1157,11 @@ class SplitRead:
             or (document and not n_parsed == len(embryos) == len(mine) + len(theirs[1]))
         ):
             return Store(doc, path=path) if document else None
-        their_pieces, _, rest, _ = theirs
-        tables = combine_pieces([*pieces, *their_pieces], rest, vocab)
+        all_pieces = [*pieces, *theirs[0]]
+        rest = theirs[2]
+        del pieces, theirs  # the pieces go as soon as they are joined
+        tables = combine_pieces(all_pieces, rest, vocab)
+        release_unused_memory()
         if tables.problems:  # the one-process read words them (and orders them) as usual
             return Store(doc, path=path) if document else None
         store = Store._from_tables(rest, tables, path=path, fingerprint=fingerprint)

@@ -163,9 +163,8 @@ def _phenotype_changes(store: Any, table: pd.DataFrame, args: argparse.Namespace
     about 300 MB at 1M snips) is let go before the document grows with the
     batch: the merge needs only the document.
     """
-    import pyarrow as pa
-
     import pipeline
+    from pipeline._arrow import release_unused_memory
     from pipeline.cluster import compute, settle
 
     snips = pipeline.snips_from_store(store, npartitions=args.npartitions)
@@ -180,7 +179,7 @@ def _phenotype_changes(store: Any, table: pd.DataFrame, args: argparse.Namespace
     del changes
     store.invalidate()
     settle()  # an embedded cluster's worker lets go of its copy of the table
-    pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed memory otherwise
+    release_unused_memory()  # allocators keep freed memory otherwise
     return computed
 
 
