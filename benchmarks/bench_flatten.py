@@ -70,7 +70,8 @@ else:
     table = store.snip_table()
 seconds = time.perf_counter() - t
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(base, peak, base_hwm, hwm(), hwm("VmRSS:"), seconds)
+helper = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the read's helper process, if any
+print(base, peak, base_hwm, hwm(), hwm("VmRSS:"), seconds, helper)
 """
 
 
@@ -125,7 +126,7 @@ def peak_rss(mode: str, path: Path) -> dict[str, float]:
         text=True,
         check=True,
     )
-    names = ("base", "peak", "base_hwm", "peak_hwm", "resident", "seconds")
+    names = ("base", "peak", "base_hwm", "peak_hwm", "resident", "seconds", "helper")
     return dict(zip(names, map(float, out.stdout.split()), strict=True))
 
 
@@ -136,6 +137,12 @@ def memory_line(what: str, m: dict[str, float], size: int) -> str:
         f"= {m['peak'] / size:.2f}x the file; {above / 1e9:.2f} GB = {above / size:.2f}x "
         f"above the {m['base'] / 1e6:.0f} MB after imports; VmHWM {m['peak_hwm'] / 1e9:.2f} GB; "
         f"resident afterwards {m['resident'] / 1e9:.2f} GB = {m['resident'] / size:.2f}x"
+        + (
+            f"; with the read's helper process (its own peak {m['helper'] / 1e9:.2f} GB) at most "
+            f"{(m['peak'] + m['helper']) / 1e9:.2f} GB = {(m['peak'] + m['helper']) / size:.2f}x the file"
+            if m["helper"]
+            else ""
+        )
     )
 
 
