@@ -228,3 +228,17 @@ def test_the_export_command_writes_the_same_table_with_a_helper(tmp_path, doc, s
     assert split[0] is not None
     pd.testing.assert_frame_equal(outs[0], outs[1])
     assert len(outs[0]) == pipeline.read_store(path).counts()["snips"]
+
+
+def test_unusable_assignments_stop_a_split_read_before_any_cluster(tmp_path, doc, split, capsys):
+    from pipeline.cli import main
+
+    path = write(tmp_path / "store.json", doc)
+    before = path.read_bytes()
+    missing = tmp_path / "no-such-rows.csv"
+    assert main(["assign", str(path), str(missing), "--author", "tester"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-rows.csv" in err
+    assert "dashboard" not in err  # read before the runtime opens
+    assert path.read_bytes() == before
+    assert split == []  # the helper was stopped, its result never taken
