@@ -785,11 +785,20 @@ def test_assign_checkpoint_every_an_edited_file_is_another_run(store_path, tmp_p
     assert "resumed" not in edited.stdout
 
 
+# Runs the command with SIGINT back to its default: a shell's background job
+# inherits it ignored (and exec keeps that), and Python then installs no
+# KeyboardInterrupt handler, so the interrupt would not be heard.
+_HEAR_INTERRUPTS = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
+
+
 def test_interrupted_cli_run_says_what_it_kept(big_inputs, reference, tmp_path):
     store = fresh_copy(big_inputs, tmp_path / "run")
     rows = big_inputs / "rows.csv"
     proc = subprocess.Popen(
-        assign_cmd(store, rows),
+        [sys.executable, "-c", _HEAR_INTERRUPTS, *assign_cmd(store, rows)[1:]],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
