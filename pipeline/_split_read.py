@@ -183,7 +183,7 @@ def _read_after(path: Path, offset: int, block: int, put: Callable[..., None]) -
     from pipeline._jsonfile import stream_embryos
     from pipeline._tables import add_block, vocab_sets
     from pipeline.legacy import is_legacy
-    from pipeline.store import _stat_fingerprint, _vocabulary_of
+    from pipeline.store import _stat_fingerprint, _streamed_vocabulary, _vocabulary_of
 
     gc.disable()  # a short-lived process of acyclic objects (see store.paused_gc)
     found: dict[str, Any] = {}
@@ -193,9 +193,7 @@ def _read_after(path: Path, offset: int, block: int, put: Callable[..., None]) -
     seen: set[str] = set()
     for piece in stream:
         if not vocab:
-            if is_legacy(found["head"]):
-                return False
-            vocab = _vocabulary_of(found["head"])
+            vocab = _streamed_vocabulary(found)  # OtherLayout for a legacy file: "fail"
             sets = vocab_sets(vocab)
         tables: list[Any] = []
         add_block(tables, seen, piece, sets)

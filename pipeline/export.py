@@ -1019,9 +1019,14 @@ def export_store(
     return write_table(table, path, format, partition_on=parts, store=store, **kwargs)
 
 
+def _needs_document(what: str) -> bool:
+    """Whether an export of *what* needs the store's document (the flags table), not only its tables."""
+    return what == "flags"
+
+
 def _read_for_export(path: str | os.PathLike[str], what: str) -> Store:
-    """Read the store an export of *what* needs: with its document only for the flags table."""
-    return read_store(path, document=True if what == "flags" else None)
+    """Read the store an export of *what* needs (see :func:`_needs_document`)."""
+    return read_store(path, document=True if _needs_document(what) else None)
 
 
 def _changes_table(store_path: Path) -> pd.DataFrame:

@@ -988,9 +988,9 @@ def _read_tables_only(path: Path) -> Store:
     with paused_gc():
         stream = stream_embryos(path, _jsonfile.BLOCK, found)
         first = next(stream, None)
-        if first is None or is_legacy(found["head"]):
+        if first is None:
             raise OtherLayout
-        vocab = _vocabulary_of(found["head"])
+        vocab = _streamed_vocabulary(found)
         pieces = itertools.chain([first], stream)
         del first  # the chain lets go of the first block once it moves on
         tables = build_tables_streamed(pieces, lambda: found["rest"], vocab)
@@ -1115,9 +1115,7 @@ class SplitRead:
                 try:
                     for piece in stream:
                         if not vocab:
-                            if is_legacy(found["head"]):
-                                return None
-                            vocab = _vocabulary_of(found["head"])
+                            vocab = _streamed_vocabulary(found)
                             sets = vocab_sets(vocab)
                         if document:
                             embryos.update(piece)
@@ -1168,6 +1166,19 @@ class SplitRead:
         if document:
             store.doc = doc
         return store
+
+
+def _streamed_vocabulary(found: dict[str, Any]) -> dict[str, Any]:
+    """The vocabulary of a store file being streamed, from the members before its embryos.
+
+    Raises
+    ------
+    OtherLayout
+        If those members say the file is a legacy one (read whole instead).
+    """
+    if is_legacy(found["head"]):
+        raise OtherLayout
+    return _vocabulary_of(found["head"])
 
 
 def _vocabulary_of(doc: dict[str, Any]) -> dict[str, Any]:

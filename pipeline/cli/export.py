@@ -94,12 +94,12 @@ def run(args: argparse.Namespace) -> int:
         if args.what == "changes":
             stack.enter_context(runtime(args))
         else:
-            from pipeline.export import _read_for_export
+            from pipeline.export import _needs_document, _read_for_export
 
             # Read before an embedded cluster starts, as the other commands
             # do: a store that fails to load starts no cluster.
             source = read_then_runtime(
-                args, stack, document=args.what == "flags", read=lambda: _read_for_export(args.store, args.what)
+                args, stack, document=_needs_document(args.what), read=lambda: _read_for_export(args.store, args.what)
             )
         result = export_store(
             source,
