@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
@@ -39,6 +40,8 @@ __all__ = [
     "worthwhile",
     "off",
     "Helper",
+    "Started",
+    "start",
 ]
 
 #: Files smaller than this are read in one process: the helper's own start
@@ -160,6 +163,54 @@ class Helper:
         self._process.wait()
         self._status.close()
         self._spill.close()
+
+
+@dataclass(frozen=True)
+class Started:
+    """A helper at work on a store file: the file, the first embryo of its part, the process."""
+
+    path: Path
+    first_theirs: str
+    helper: Helper
+
+
+def start(path: str | os.PathLike[str], share: float) -> Started | None:
+    """Cut the embryos of *path* about *share* of the way in and start a helper on the rest.
+
+    Light: the standard library and orjson only, so the command line can
+    start the helper before its own imports (pandas, Dask).
+
+    Parameters
+    ----------
+    path : path-like
+        A store file.
+    share : float
+        Part of the embryos the caller reads itself.
+
+    Returns
+    -------
+    Started or None
+        None when a helper would not help (a small or missing file, one
+        core, :func:`off`, another layout) or cannot start: the caller reads
+        in one process, and says what is wrong with the path.
+    """
+    from pipeline._jsonfile import BLOCK, split_point
+
+    path = Path(path)
+    try:
+        if not path.is_file() or not worthwhile(path.stat().st_size):
+            return None
+        point = split_point(path, share)
+    except (OSError, ValueError):  # not a store this reader can cut (read_store says why)
+        return None
+    if point is None:
+        return None
+    offset, first_theirs = point
+    try:
+        helper = Helper(path, offset, BLOCK)
+    except Exception:  # noqa: BLE001 - no process can be started here (a daemon, limits): read in one
+        return None
+    return Started(path, first_theirs, helper)
 
 
 def _main(argv: list[str]) -> None:

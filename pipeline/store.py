@@ -51,7 +51,6 @@ from pipeline._jsonfile import (
     OtherLayout,
     dump_chunks,
     load_json_file,
-    split_point,
     stream_embryos,
 )
 from pipeline._tables import (
@@ -1055,23 +1054,15 @@ class SplitRead:
             ``_split_read.SHARE_WITH_DOCUMENT`` or ``SHARE_TABLES_ONLY``);
             smaller when the caller has other work to do meanwhile.
         """
-        path = Path(path)
-        try:
-            if not path.is_file() or not _split_read.worthwhile(path.stat().st_size):
-                return None
-            if share is None:
-                share = _split_read.SHARE_WITH_DOCUMENT if document else _split_read.SHARE_TABLES_ONLY
-            point = split_point(path, share)
-        except OSError:
-            return None  # read_store says what is wrong with the path
-        if point is None:
-            return None
-        offset, first_theirs = point
-        try:
-            helper = _split_read.Helper(path, offset, _jsonfile.BLOCK)
-        except Exception:  # noqa: BLE001 - no process can be started here (a daemon, limits): read in one
-            return None
-        return cls(path, document, first_theirs, helper)
+        if share is None:
+            share = _split_read.SHARE_WITH_DOCUMENT if document else _split_read.SHARE_TABLES_ONLY
+        started = _split_read.start(path, share)
+        return None if started is None else cls.adopt(started, document=document)
+
+    @classmethod
+    def adopt(cls, started: _split_read.Started, *, document: bool) -> SplitRead:
+        """The read whose helper :func:`pipeline._split_read.start` started (the command line starts it early)."""
+        return cls(started.path, document, started.first_theirs, started.helper)
 
     def __enter__(self) -> Self:
         return self

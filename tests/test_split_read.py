@@ -123,7 +123,7 @@ def test_an_invalid_store_gives_the_one_process_errors(tmp_path, doc, split):
 def test_a_helper_that_fails_changes_nothing(tmp_path, doc, split, monkeypatch):
     path = write(tmp_path / "store.json", doc)
     # The helper is given an offset that is no embryo boundary: it sends None.
-    monkeypatch.setattr(store, "split_point", lambda p, share: (5, next(reversed(doc["embryos"]))))
+    monkeypatch.setattr(_jsonfile, "split_point", lambda p, share: (5, next(reversed(doc["embryos"]))))
     for document in (False, True):
         got = pipeline.read_store(path, document=document)
         assert split[-1] is None
@@ -135,7 +135,7 @@ def test_a_cut_past_the_embryos_is_not_trusted(tmp_path, doc, split, monkeypatch
     path = write(tmp_path / "store.json", doc)
     text = path.read_bytes()
     offset = text.index(b',\n    "video"', text.index(b'\n  "flags"'))
-    monkeypatch.setattr(store, "split_point", lambda p, share: (offset, "video"))
+    monkeypatch.setattr(_jsonfile, "split_point", lambda p, share: (offset, "video"))
     for document in (False, True):
         assert_same(pipeline.read_store(path, document=document), one_process(path, document))
 
@@ -242,3 +242,64 @@ def test_unusable_assignments_stop_a_split_read_before_any_cluster(tmp_path, doc
     assert "dashboard" not in err  # read before the runtime opens
     assert path.read_bytes() == before
     assert split == []  # the helper was stopped, its result never taken
+
+
+@pytest.fixture
+def helpers(monkeypatch: pytest.MonkeyPatch) -> list[_split_read.Helper]:
+    """Every helper started (the real ones), in order."""
+    started: list[_split_read.Helper] = []
+    init = _split_read.Helper.__init__
+
+    def record(self: _split_read.Helper, *args: Any) -> None:
+        init(self, *args)
+        started.append(self)
+
+    monkeypatch.setattr(_split_read.Helper, "__init__", record)
+    return started
+
+
+@pytest.mark.parametrize("command", ["assign", "export"])
+def test_the_command_line_starts_the_helper_first_and_takes_it_over(tmp_path, doc, split, helpers, command):
+    from pipeline.cli import main
+
+    path = write(tmp_path / "store.json", doc)
+    rows = tmp_path / "rows.csv"
+    alive = next(e for e, embryo in doc["embryos"].items() if embryo["death_frame"] is None)
+    pd.DataFrame({"embryo_id": [alive], "phenotype": ["EDEMA"], "frames": ["[0:2]"]}).to_csv(rows, index=False)
+    argv = [str(path), str(rows), "--author", "t"] if command == "assign" else [str(path), str(tmp_path / "out")]
+    assert main([command, *argv, "--quiet", "--scheduler", "sync"]) == 0
+    # One helper, started by main before the command ran, and its result taken.
+    assert len(helpers) == 1
+    assert split[-1] is not None
+    assert helpers[0]._process.returncode == 0
+
+
+def test_a_command_that_fails_first_stops_the_early_helper(tmp_path, doc, split, helpers, capsys):
+    from pipeline.cli import main
+
+    path = write(tmp_path / "store.json", doc)
+    assert main(["export", str(path), str(tmp_path / "out"), "--npartitions", "0", "--quiet"]) == 2
+    assert "--npartitions" in capsys.readouterr().err
+    assert len(helpers) == 1
+    assert helpers[0]._process.returncode is not None  # stopped (or done) and waited for
+    assert split == []  # its result was never taken
+
+
+def test_the_export_commands_early_read_keeps_the_document_when_the_export_needs_it(tmp_path, doc, split, helpers):
+    # cli/export.py decides without importing pipeline.export: the same rule.
+    import argparse
+    import contextlib
+
+    from pipeline import export
+    from pipeline.cli import export as cli_export
+
+    path = write(tmp_path / "store.json", doc)
+    for what in export.WHAT:
+        args = argparse.Namespace(store=str(path), what=what, scheduler="sync")
+        with contextlib.ExitStack() as stack:
+            cli_export._early_read(args, stack)
+            early = getattr(args, "started_read", None)
+            if what == "changes":
+                assert early is None
+            else:
+                assert early[0] == export._needs_document(what)

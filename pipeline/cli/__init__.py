@@ -9,6 +9,7 @@ invalid), 2 for unusable input, with a one-line error and no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from collections.abc import Sequence
@@ -55,18 +56,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from pipeline.cli._common import run_command
 
-    if argv is None:
-        # Run as the program (console script, python -m pipeline): the process
-        # reads its store once and exits, so the parsed document can be kept
-        # out of the garbage collector's walks (1-4 s at 1M snips).
-        from pipeline import store
+    program = argv is None
+    with contextlib.ExitStack() as stack:
+        if (early_read := getattr(args, "early_read", None)) is not None:
+            # First of all: a large store's helper starts before this
+            # process imports pandas and Dask.
+            early_read(args, stack)
+        if program:
+            # Run as the program (console script, python -m pipeline): the
+            # process reads its store once and exits, so the parsed document
+            # can be kept out of the garbage collector's walks (1-4 s at 1M snips).
+            from pipeline import store
 
-        store._FREEZE_PARSED = True
+            store._FREEZE_PARSED = True
         status = run_command(args)
-        if sys.getprofile() is None and sys.gettrace() is None:  # not under a profiler or debugger
-            _exit(status)
-        return status
-    return run_command(args)
+    if program and sys.getprofile() is None and sys.gettrace() is None:  # not under a profiler or debugger
+        _exit(status)
+    return status
 
 
 def _exit(status: int) -> None:

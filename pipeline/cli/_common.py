@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline.errors import PipelineError
 
-__all__ = ["run_command", "fail", "UsageError", "say", "read_then_runtime"]
+__all__ = ["run_command", "fail", "UsageError", "say", "start_read", "read_then_runtime"]
 
 
 class UsageError(PipelineError, ValueError):
@@ -73,6 +73,37 @@ def runtime(args: argparse.Namespace) -> Any:
     return runtime_from_args(args)
 
 
+def _share(args: argparse.Namespace, document: bool) -> float | None:
+    """The part of a split read of ``args.store`` this process reads (None: an unusable ``--scheduler``, said later)."""
+    from pipeline import _split_read
+    from pipeline.cluster import _parse_scheduler
+
+    try:
+        embedded = _parse_scheduler(getattr(args, "scheduler", None)) == "local"
+    except ValueError:
+        return None  # the runtime reports it
+    if embedded:
+        return _split_read.SHARE_WITH_CLUSTER if document else _split_read.SHARE_TABLES_ONLY_WITH_CLUSTER
+    return _split_read.SHARE_WITH_DOCUMENT if document else _split_read.SHARE_TABLES_ONLY
+
+
+def start_read(args: argparse.Namespace, stack: contextlib.ExitStack, *, document: bool) -> None:
+    """Start the helper of a large ``args.store`` now, before the command imports pandas and Dask.
+
+    The command line calls this (a subcommand's ``early_read``) right after
+    parsing: the helper's interpreter then starts and imports while this one
+    does, and :func:`read_then_runtime` takes it over. Leaving *stack* stops
+    a helper that was not taken over (the command failed first).
+    """
+    from pipeline import _split_read
+
+    share = _share(args, document)
+    started = None if share is None else _split_read.start(args.store, share)
+    if started is not None:
+        stack.callback(started.helper.__exit__, None, None, None)
+        args.started_read = (document, started)
+
+
 def read_then_runtime(
     args: argparse.Namespace,
     stack: contextlib.ExitStack,
@@ -112,7 +143,6 @@ def read_then_runtime(
         The store.
     """
     from pipeline import _split_read
-    from pipeline.cluster import _parse_scheduler
     from pipeline.store import SplitRead
 
     done: list[str] = []
@@ -124,14 +154,14 @@ def read_then_runtime(
         stack.enter_context(runtime(args))
 
     started = None
-    try:
-        embedded = _parse_scheduler(getattr(args, "scheduler", None)) == "local"
-    except ValueError:
-        pass  # the runtime reports it
-    else:
-        share = None
-        if embedded:
-            share = _split_read.SHARE_WITH_CLUSTER if document else _split_read.SHARE_TABLES_ONLY_WITH_CLUSTER
+    early = getattr(args, "started_read", None)
+    if early is not None:
+        args.started_read = None
+        if early[0] == document:
+            started = SplitRead.adopt(early[1], document=document)
+        else:  # a helper for another read: not this one
+            early[1].helper.__exit__(None, None, None)
+    if started is None and (share := _share(args, document)) is not None:
         started = SplitRead.start(args.store, document=document, share=share)
     store = None
     if started is not None:

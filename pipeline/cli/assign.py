@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import sys
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.cli._common import add_runtime_options, read_then_runtime, say
+from pipeline.cli._common import add_runtime_options, read_then_runtime, say, start_read
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite-dead", action="store_true", help="allow non-DEAD values at or after death (DEAD stays permanent)")
     add_checkpoint_option(p)
     _common_options(p)
-    p.set_defaults(run=run_assign)
+    p.set_defaults(run=run_assign, early_read=functools.partial(start_read, document=True))
 
     g = sub.add_parser("genotypes", help="assign genotypes to embryos from a CSV/XLSX/JSON file")
     g.add_argument("store", help="the store's JSON file")

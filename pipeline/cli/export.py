@@ -18,6 +18,7 @@ from pipeline.cli._common import (
     read_then_runtime,
     runtime,
     say,
+    start_read,
 )
 
 
@@ -60,7 +61,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="columns to write (comma-separated, repeatable; default all)",
     )
     add_runtime_options(p)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, early_read=_early_read)
+
+
+def _early_read(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
+    """Start a large store's helper before the imports (see ``start_read``).
+
+    Whether the document is kept follows ``pipeline.export._needs_document``
+    (not imported here: it imports Dask; a test holds the two together).
+    """
+    if args.what != "changes":
+        start_read(args, stack, document=args.what == "flags")
 
 
 def _split(values: list[str] | None) -> list[str] | None:
