@@ -424,6 +424,18 @@ def test_option_errors(args, message, inputs, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_default_scheduler_from_dask_config_then_the_environment(monkeypatch):
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    assert cluster._parse_scheduler(None) == "local"
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "host-a:8786")
+    assert cluster._parse_scheduler(None) == "tcp://host-a:8786"
+    # Dask is imported here: its configuration comes first, as it does for
+    # open_runtime (which imports Dask before it asks).
+    with dask.config.set({"scheduler-address": "tcp://host-b:8786"}):
+        assert cluster._parse_scheduler(None) == "tcp://host-b:8786"
+        assert cluster._parse_scheduler("sync") == "sync"
+
+
 @pytest.mark.parametrize("where", ["local"])
 def test_progress_bar_on_a_terminal(where, inputs, tmp_path):
     store = tmp_path / "store.json"
