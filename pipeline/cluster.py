@@ -22,6 +22,10 @@ terminal and ``--quiet`` is not given.
 In Python, library functions take an optional ``client`` and use the active
 one if there is one (:func:`get_client`); :func:`compute` computes a
 collection there, reporting ``progress(done, total)`` per partition.
+
+Adding the options and choosing the scheduler import only the standard
+library (the command line does both before it reads a store); Dask is
+imported where work runs.
 """
 
 from __future__ import annotations

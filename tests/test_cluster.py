@@ -436,6 +436,22 @@ def test_default_scheduler_from_dask_config_then_the_environment(monkeypatch):
         assert cluster._parse_scheduler("sync") == "sync"
 
 
+def test_scheduler_address_from_a_dask_config_file(inputs, tmp_path):
+    # The command line decides where work runs after it has imported Dask,
+    # so Dask's own configuration files still count.
+    config = tmp_path / "dask-config"
+    config.mkdir()
+    (config / "pipeline.yaml").write_text("scheduler-address: sync\n")
+    env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
+    done = cli(
+        ["export", str(inputs["store"]), str(tmp_path / "out")],
+        env={**env, "DASK_CONFIG": str(config)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "dashboard" not in done.stderr  # Dask's synchronous scheduler: no cluster
+    assert (tmp_path / "out").is_dir()
+
+
 @pytest.mark.parametrize("where", ["local"])
 def test_progress_bar_on_a_terminal(where, inputs, tmp_path):
     store = tmp_path / "store.json"
