@@ -20,6 +20,8 @@ import pytest
 
 import pipeline
 
+MINIMAL = Path(__file__).parent / "data" / "store_minimal.json"
+
 #: What the command line's start must not import.
 HEAVY = ("pandas", "pyarrow", "numpy", "dask", "distributed", "bokeh")
 
@@ -71,6 +73,22 @@ def test_parsing_any_command_imports_no_heavy_library() -> None:
         print(json.dumps(sorted(m for m in sys.modules if m.partition(".")[0] in {HEAVY!r})))
         """,
         DASK_SCHEDULER_ADDRESS="host:8786",
+    )
+    assert loaded == []
+
+
+def test_reading_a_store_imports_no_dask() -> None:
+    # The store module never needed Dask; the eager package imported it
+    # anyway (and read_store's check for a sharded folder still did).
+    loaded = fresh(
+        f"""
+        import json, sys
+        import pipeline
+
+        store = pipeline.read_store({str(MINIMAL)!r})
+        assert store.counts()["snips"] == 16
+        print(json.dumps(sorted(m for m in sys.modules if m.partition(".")[0] in ("dask", "distributed"))))
+        """
     )
     assert loaded == []
 
