@@ -85,9 +85,9 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-#: The helper's start: the package's modules without its ``__init__`` (the
-#: public API imports Dask, which the helper does not need: 40 MB and 0.4 s
-#: less), then :func:`_main` with the arguments.
+#: The helper's start: the package's modules from this same folder, without
+#: running its ``__init__`` (nothing there is needed, whatever it may come to
+#: import), then :func:`_main` with the arguments.
 _BOOT = """\
 import importlib.util, sys
 folder = sys.argv[1]

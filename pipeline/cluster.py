@@ -22,6 +22,10 @@ terminal and ``--quiet`` is not given.
 In Python, library functions take an optional ``client`` and use the active
 one if there is one (:func:`get_client`); :func:`compute` computes a
 collection there, reporting ``progress(done, total)`` per partition.
+
+Adding the options and choosing the scheduler import only the standard
+library (the command line does both before it reads a store); Dask is
+imported where work runs.
 """
 
 from __future__ import annotations
@@ -38,8 +42,6 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Self
-
-import dask
 
 from pipeline.errors import PipelineError
 
@@ -125,6 +127,8 @@ def get_client(client: Any = None) -> Any:
     """
     if client is not None:
         return client
+    import dask
+
     configured = dask.config.get("scheduler", None)
     if isinstance(configured, str) and configured in LOCAL_SCHEDULERS:
         return None
@@ -160,6 +164,7 @@ class _Plan:
     """
 
     def __init__(self, collection: Any) -> None:
+        import dask
         from dask.core import flatten, get_dependencies
 
         optimize = getattr(collection, "optimize", None)
@@ -289,6 +294,7 @@ def compute(
 
     Examples
     --------
+    >>> import dask
     >>> import pipeline
     >>> store = pipeline.testing.make_store(n_experiments=1, n_embryos=2, n_frames=3, seed=0)
     >>> seen = []
@@ -298,6 +304,8 @@ def compute(
     >>> len(table) == store.counts()["snips"], seen
     (True, [(0, 2), (1, 2), (2, 2)])
     """
+    import dask
+
     if not dask.is_dask_collection(collection):
         return collection
     found = get_client(client)
@@ -343,6 +351,8 @@ def _compute_local(
             return collection.compute()
     if not callable(progress):
         return collection.compute()
+    import dask
+
     plan = _Plan(collection)
     with _LocalProgress(progress, plan).callback:
         # Already optimised: running it as is keeps the keys progress counts.
@@ -480,10 +490,18 @@ def _free_dashboard(address: str) -> str:
 
 
 def _parse_scheduler(value: str | None) -> str:
-    """``local``, a local scheduler name, or a scheduler address."""
+    """``local``, a local scheduler name, or a scheduler address.
+
+    Imports nothing beyond the standard library: the command line asks
+    before it reads a store, when Dask is not imported yet. Without *value*,
+    Dask's ``scheduler-address`` setting is consulted once Dask is imported
+    (:func:`open_runtime` imports it first, so the runtime sees every
+    source); before that, ``DASK_SCHEDULER_ADDRESS`` only, so an address
+    given only in a Dask YAML file is not seen by that early question.
+    """
     if value is None:
         value = (
-            dask.config.get("scheduler-address", None)
+            _configured_address()
             or os.environ.get("DASK_SCHEDULER_ADDRESS")
             or DEFAULT_SCHEDULER
         )
@@ -501,8 +519,16 @@ def _parse_scheduler(value: str | None) -> str:
     raise ValueError(msg)
 
 
+def _configured_address() -> str | None:
+    """Dask's ``scheduler-address`` setting, if Dask is imported already (else None)."""
+    config = sys.modules.get("dask.config")
+    return None if config is None else config.get("scheduler-address", None)
+
+
 def _progress_minimum() -> float:
     """Seconds a computation runs before its bar appears (``pipeline.progress-minimum``)."""
+    import dask
+
     return float(dask.config.get("pipeline.progress-minimum", 0.5))
 
 
@@ -568,6 +594,8 @@ def open_runtime(
     ValueError
         For an unknown *scheduler* or options that do not apply to it.
     """
+    import dask  # first: the scheduler may come from its configuration
+
     target = _parse_scheduler(scheduler)
     show = _show_progress(quiet) if progress is None else bool(progress)
     if target in ("sync", "threads", "processes"):
@@ -635,6 +663,7 @@ def _start_client(
 ) -> Any:
     import logging
 
+    import dask
     from distributed import Client, LocalCluster
 
     if target != "local":

@@ -42,9 +42,8 @@ import os
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dask.dataframe as dd
 import numpy as np
 import orjson
 import pandas as pd
@@ -70,6 +69,9 @@ from pipeline.store import (
     now,
     paused_gc,
 )
+
+if TYPE_CHECKING:
+    import dask.dataframe as dd
 
 __all__ = [
     "ShardedStore",
@@ -681,6 +683,8 @@ def sharded_snips(
     dask.dataframe.DataFrame
         Lazy; each worker parses and checks its own shards.
     """
+    import dask.dataframe as dd
+
     from pipeline.schema import SNIP_COLUMNS, empty_frame
 
     experiments = sorted(store.shards)

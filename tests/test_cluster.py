@@ -424,6 +424,34 @@ def test_option_errors(args, message, inputs, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_default_scheduler_from_dask_config_then_the_environment(monkeypatch):
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    assert cluster._parse_scheduler(None) == "local"
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "host-a:8786")
+    assert cluster._parse_scheduler(None) == "tcp://host-a:8786"
+    # Dask is imported here: its configuration comes first, as it does for
+    # open_runtime (which imports Dask before it asks).
+    with dask.config.set({"scheduler-address": "tcp://host-b:8786"}):
+        assert cluster._parse_scheduler(None) == "tcp://host-b:8786"
+        assert cluster._parse_scheduler("sync") == "sync"
+
+
+def test_scheduler_address_from_a_dask_config_file(inputs, tmp_path):
+    # The command line decides where work runs after it has imported Dask,
+    # so Dask's own configuration files still count.
+    config = tmp_path / "dask-config"
+    config.mkdir()
+    (config / "pipeline.yaml").write_text("scheduler-address: sync\n")
+    env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
+    done = cli(
+        ["export", str(inputs["store"]), str(tmp_path / "out")],
+        env={**env, "DASK_CONFIG": str(config)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "dashboard" not in done.stderr  # Dask's synchronous scheduler: no cluster
+    assert (tmp_path / "out").is_dir()
+
+
 @pytest.mark.parametrize("where", ["local"])
 def test_progress_bar_on_a_terminal(where, inputs, tmp_path):
     store = tmp_path / "store.json"

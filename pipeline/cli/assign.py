@@ -21,11 +21,12 @@ import hashlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from pipeline.cli._common import add_runtime_options, read_then_runtime, say, start_read
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -110,6 +111,8 @@ def _common_options(p: argparse.ArgumentParser) -> None:
 
 
 def _finish(args: argparse.Namespace, report: object) -> int:
+    import pandas as pd
+
     from pipeline.merge import MergeReport
 
     assert isinstance(report, MergeReport)

@@ -24,8 +24,6 @@ import inspect
 import sys
 from typing import Any
 
-import pandas as pd
-
 from pipeline.cli._common import UsageError, add_runtime_options, runtime, say
 from pipeline.cli.assign import add_checkpoint_option, checkpoint_notes, file_digest
 
@@ -126,6 +124,8 @@ def choose_detectors(specs: list[str] | None, detectors_file: str | None) -> lis
 
 def run_detect(args: argparse.Namespace) -> int:
     """Run the detectors and merge (or preview) their flags."""
+    import pandas as pd
+
     import pipeline
     from pipeline.detectors import author_of, run_detectors
     from pipeline.errors import MergeConflictError

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 
-import pandas as pd
-
 from pipeline.cli._common import add_runtime_options, runtime, say
 
 _SHOWN = [
@@ -101,6 +99,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Import the sheet and merge (or preview)."""
+    import pandas as pd
+
     from pipeline.cli._common import UsageError
     from pipeline.spreadsheet import import_spreadsheet, read_spreadsheet
     from pipeline.store import read_store

@@ -9,11 +9,12 @@ of the store, so it is quick on stores too big to open.
 from __future__ import annotations
 
 import argparse
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from pipeline.cli._common import UsageError
-from pipeline.store import read_store
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -108,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     if args.rows is not None or args.measure_speed:
         msg = "--rows and --measure-speed go with --estimate"
         raise UsageError(msg)
+    from pipeline.store import read_store
+
     store = read_store(args.store)
     c = store.counts()
     print(f"{args.store}: {c['experiments']} experiments, {c['videos']} videos, {c['embryos']} embryos, {c['snips']} snips")

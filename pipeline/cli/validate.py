@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from pipeline.errors import StoreFormatError
-from pipeline.store import read_store
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,6 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the problems, or a one-line summary when the store is valid."""
+    from pipeline.store import read_store
+
     try:
         store = read_store(args.store, quiet=True)
     except StoreFormatError as err:
