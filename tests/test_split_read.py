@@ -303,3 +303,30 @@ def test_the_export_commands_early_read_keeps_the_document_when_the_export_needs
                 assert early is None
             else:
                 assert early[0] == export._needs_document(what)
+
+
+def test_the_program_starts_the_helper_before_importing_pandas(tmp_path, doc):
+    # The point of the early start: the helper's interpreter starts and
+    # imports while the program imports pandas and Dask, not after.
+    path = write(tmp_path / "store.json", doc)
+    script = (
+        "import sys\n"
+        "from pipeline import _split_read\n"
+        "_split_read.MIN_BYTES = 0\n"
+        "init = _split_read.Helper.__init__\n"
+        "def record(self, *args):\n"
+        "    print('helper started; pandas imported:', 'pandas' in sys.modules, flush=True)\n"
+        "    init(self, *args)\n"
+        "_split_read.Helper.__init__ = record\n"
+        "sys.argv = ['embryo-pipeline', *sys.argv[1:]]\n"
+        "from pipeline.cli import main\n"
+        "main()\n"
+    )
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-c", script, "export", str(path), str(out), "--quiet", "--scheduler", "sync"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["helper started; pandas imported: False"]
+    assert len(pd.read_parquet(out)) == pipeline.read_store(path).counts()["snips"]
