@@ -35,6 +35,8 @@ __all__ = [
     "MIN_BYTES",
     "SHARE_WITH_DOCUMENT",
     "SHARE_TABLES_ONLY",
+    "CLI_SHARE_WITH_DOCUMENT",
+    "CLI_SHARE_TABLES_ONLY",
     "SHARE_WITH_CLUSTER",
     "SHARE_TABLES_ONLY_WITH_CLUSTER",
     "worthwhile",
@@ -53,12 +55,18 @@ MIN_BYTES = 96 << 20
 SHARE_WITH_DOCUMENT = 0.55
 #: ... and when both read tables only (the helper starts later) ...
 SHARE_TABLES_ONLY = 0.58
-#: ... and when the command line starts an embedded cluster meanwhile (about
-#: 1.4 s of this process: imports, dashboard) and keeps the document.
-SHARE_WITH_CLUSTER = 0.45
-#: ... or reads tables only.
-SHARE_TABLES_ONLY_WITH_CLUSTER = 0.45
-
+#: The command line starts the helper before its own imports (pandas, Dask:
+#: about 1.5 s of this process), so its helper reads more: with the
+#: document ...
+CLI_SHARE_WITH_DOCUMENT = 0.45
+#: ... tables only ...
+CLI_SHARE_TABLES_ONLY = 0.52
+#: ... and when it also starts an embedded cluster meanwhile (about 1 s of
+#: this process: distributed's import, the dashboard), with the document ...
+SHARE_WITH_CLUSTER = 0.36
+#: ... or tables only. (All measured on two cores with the 1M-snip store;
+#: see benchmarks/RESULTS.md.)
+SHARE_TABLES_ONLY_WITH_CLUSTER = 0.42
 
 _OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("pipeline_split_read_off", default=False)
 

@@ -84,7 +84,7 @@ def _share(args: argparse.Namespace, document: bool) -> float | None:
         return None  # the runtime reports it
     if embedded:
         return _split_read.SHARE_WITH_CLUSTER if document else _split_read.SHARE_TABLES_ONLY_WITH_CLUSTER
-    return _split_read.SHARE_WITH_DOCUMENT if document else _split_read.SHARE_TABLES_ONLY
+    return _split_read.CLI_SHARE_WITH_DOCUMENT if document else _split_read.CLI_SHARE_TABLES_ONLY
 
 
 def start_read(args: argparse.Namespace, stack: contextlib.ExitStack, *, document: bool) -> None:
@@ -115,11 +115,13 @@ def read_then_runtime(
     """Read ``args.store``, then open the command's runtime in *stack*.
 
     A large store is read with a helper process (see
-    ``pipeline.store.SplitRead``): once this process has read its part and
-    found it sound, *then* runs (input checks that must pass before any
-    cluster starts) and the runtime opens while the helper finishes. An
-    embedded cluster's start (imports, dashboard: about 1.4 s of this
-    process) leaves this process less of the store to read. Otherwise the
+    ``pipeline.store.SplitRead``), the one :func:`start_read` started right
+    after the arguments were parsed if there is one: once this process has
+    read its part and found it sound, *then* runs (input checks that must
+    pass before any cluster starts) and the runtime opens while the helper
+    finishes. An embedded cluster's start (distributed's import, the
+    dashboard: about 1 s of this process) leaves this process less of the
+    store to read. Otherwise the
     store is read by *read*, then *then* runs and the runtime opens, in that
     order, as before: a store or input that fails starts no cluster (unless
     the problems lie in the helper's part of a large store only).
