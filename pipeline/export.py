@@ -49,12 +49,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from dask.dataframe.io.parquet.arrow import (
-    ArrowDatasetEngine,
-    _append_row_groups,
-    _hive_dirname,
-    _index_in_schema,
-)
+from dask.dataframe.io.parquet.arrow import ArrowDatasetEngine
 from pyarrow import feather
 
 from pipeline._atomic import backup_dir, fsync_dir, lock_path
@@ -669,6 +664,11 @@ class _ArrowEngine(ArrowDatasetEngine):
       (``name in index``), once per group: about 0.7 s at 1M snips. The
       index is converted as a column instead, under the exact schema and
       metadata pyarrow gives the frame (taken from its empty head).
+
+    Only the engine class itself is taken from Dask (``to_parquet`` accepts
+    an engine class, for third-party engines); partitions it does not
+    expect (no partition columns, non-string or missing keys) go to Dask's
+    own ``write_partition``.
     """
 
     @classmethod
@@ -704,7 +704,9 @@ class _ArrowEngine(ArrowDatasetEngine):
                 df, path, fs, filename, partition_on, return_metadata, fmd=fmd, compression=compression,
                 index_cols=index_cols, schema=schema, head=head, custom_metadata=custom_metadata, **kwargs,
             )
-        preserve_index = _index_in_schema(index_cols, schema)
+        # As Dask's engine: the index columns are written as the index when
+        # the schema has them all.
+        preserve_index = bool(index_cols) and (schema is None or set(index_cols) <= set(schema.names))
         frame = df.set_index(index_cols) if preserve_index else df
         table = cls._pandas_to_arrow_table(frame, preserve_index=preserve_index, schema=schema)
         if custom_metadata:
@@ -739,7 +741,7 @@ class _ArrowEngine(ArrowDatasetEngine):
         for start, stop in zip(starts, [*starts[1:], len(order)], strict=True):
             values = [ordered_keys.column(k)[start].as_py() for k in keys]
             group = pa.Table.from_arrays(data.take(order[start:stop]).columns, schema=sub_schema)
-            subdir = fs.sep.join(_hive_dirname(k, v) for k, v in zip(keys, values, strict=True))
+            subdir = fs.sep.join(f"{k}={v}" for k, v in zip(keys, values, strict=True))  # no nulls here
             prefix = fs.sep.join([path, subdir])
             fs.mkdirs(prefix, exist_ok=True)
             with fs.open(fs.sep.join([prefix, filename]), "wb") as f:
@@ -754,7 +756,7 @@ class _ArrowEngine(ArrowDatasetEngine):
         if md_list:
             meta = md_list[0]
             for extra in md_list[1:]:
-                _append_row_groups(meta, extra)
+                meta.append_row_groups(extra)
         out: dict[str, Any] = {"meta": meta}
         if head:
             out["schema"] = table.schema

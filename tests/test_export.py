@@ -220,6 +220,21 @@ def test_parquet_files_equal_those_of_dasks_own_engine(tmp_path, monkeypatch, st
         assert meta == other_meta, name
 
 
+def test_the_engine_collects_metadata_as_dasks_own(tmp_path, store):
+    # write_parquet writes no _metadata file, but the engine can: Dask's
+    # to_parquet with it gives the same summary file as with Dask's engine.
+    snips = pipeline.snips_from_store(store, npartitions=3)
+    for engine, out in ((export._ArrowEngine, tmp_path / "ours"), ("pyarrow", tmp_path / "dasks")):
+        with export._dask_writer_warnings():  # pandas' deprecation of Dask's inplace calls
+            snips.to_parquet(out, engine=engine, partition_on=["experiment_id"], write_metadata_file=True)
+    ours, dasks = pq.read_metadata(tmp_path / "ours" / "_metadata"), pq.read_metadata(tmp_path / "dasks" / "_metadata")
+    assert ours.num_rows == dasks.num_rows == store.counts()["snips"]
+    assert ours.num_row_groups == dasks.num_row_groups > 1
+    paths = [[m.row_group(i).column(0).file_path for i in range(m.num_row_groups)] for m in (ours, dasks)]
+    assert sorted(paths[0]) == sorted(paths[1])
+    assert ours.schema.to_arrow_schema().equals(dasks.schema.to_arrow_schema())
+
+
 def test_provenance_in_every_file(tmp_path, store, store_file):
     out = tmp_path / "snips"
     write_parquet(
