@@ -39,6 +39,7 @@ __all__ = [
     "CLI_SHARE_TABLES_ONLY",
     "SHARE_WITH_CLUSTER",
     "SHARE_TABLES_ONLY_WITH_CLUSTER",
+    "share",
     "worthwhile",
     "off",
     "Helper",
@@ -69,6 +70,26 @@ SHARE_WITH_CLUSTER = 0.36
 SHARE_TABLES_ONLY_WITH_CLUSTER = 0.42
 
 _OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("pipeline_split_read_off", default=False)
+
+
+def share(*, document: bool, early: bool = False, cluster: bool = False) -> float:
+    """The part of the embryos the caller reads itself (see the constants above).
+
+    Parameters
+    ----------
+    document : bool
+        Whether the caller also parses the whole document.
+    early : bool, default False
+        Whether the helper started before the caller's imports (the command line).
+    cluster : bool, default False
+        Whether the caller starts an embedded cluster meanwhile (the command
+        line, which then always starts its helper early).
+    """
+    if cluster:
+        return SHARE_WITH_CLUSTER if document else SHARE_TABLES_ONLY_WITH_CLUSTER
+    if early:
+        return CLI_SHARE_WITH_DOCUMENT if document else CLI_SHARE_TABLES_ONLY
+    return SHARE_WITH_DOCUMENT if document else SHARE_TABLES_ONLY
 
 
 def worthwhile(size: int) -> bool:

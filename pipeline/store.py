@@ -1051,12 +1051,10 @@ class SplitRead:
             Whether :meth:`finish` keeps the document.
         share : float, optional
             Part of the embryos this process reads (default
-            ``_split_read.SHARE_WITH_DOCUMENT`` or ``SHARE_TABLES_ONLY``);
-            smaller when the caller has other work to do meanwhile.
+            ``_split_read.share(document=document)``); smaller when the
+            caller has other work to do meanwhile.
         """
-        if share is None:
-            share = _split_read.SHARE_WITH_DOCUMENT if document else _split_read.SHARE_TABLES_ONLY
-        started = _split_read.start(path, share)
+        started = _split_read.start(path, _split_read.share(document=document) if share is None else share)
         return None if started is None else cls.adopt(started, document=document)
 
     @classmethod

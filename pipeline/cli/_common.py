@@ -82,9 +82,7 @@ def _share(args: argparse.Namespace, document: bool) -> float | None:
         embedded = _parse_scheduler(getattr(args, "scheduler", None)) == "local"
     except ValueError:
         return None  # the runtime reports it
-    if embedded:
-        return _split_read.SHARE_WITH_CLUSTER if document else _split_read.SHARE_TABLES_ONLY_WITH_CLUSTER
-    return _split_read.CLI_SHARE_WITH_DOCUMENT if document else _split_read.CLI_SHARE_TABLES_ONLY
+    return _split_read.share(document=document, early=True, cluster=embedded)
 
 
 def start_read(args: argparse.Namespace, stack: contextlib.ExitStack, *, document: bool) -> None:
