@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -104,7 +104,12 @@ def _load_streamed(path: Path, block: int) -> dict[str, Any]:
 
 
 def stream_embryos(
-    path: Path, block: int, found: dict[str, Any], *, skip_to: int | None = None
+    path: Path,
+    block: int,
+    found: dict[str, Any],
+    *,
+    skip_to: int | None = None,
+    parse: Callable[[memoryview], Any] = orjson.loads,
 ) -> Iterator[dict[str, Any]]:
     """Parse the ``"embryos"`` of a store file in our layout a few at a time.
 
@@ -122,6 +127,11 @@ def stream_embryos(
     skip_to : int, optional
         Start at the embryo whose separating comma is at this byte offset
         (an offset from :func:`split_point`) instead of the first embryo.
+    parse : callable, default orjson.loads
+        Parses a piece (a bytes-like ``{...}`` of embryo members) and
+        raises ``orjson.JSONDecodeError`` if it is not JSON, as
+        ``orjson.loads`` (e.g. :func:`pipeline._tables.parse_piece`). The
+        bytes are only valid during the call.
 
     Yields
     ------
@@ -179,7 +189,7 @@ def stream_embryos(
                 if cut > start:
                     buf[start], buf[cut] = _BRACE_OPEN, _BRACE_CLOSE
                     try:
-                        piece = orjson.loads(view[start : cut + 1])
+                        piece = parse(view[start : cut + 1])
                     except orjson.JSONDecodeError:
                         buf[cut] = _COMMA
                         ended = True
@@ -192,7 +202,7 @@ def stream_embryos(
                     if end < 0:
                         raise OtherLayout  # no closing line: not our layout
                     buf[start], buf[end] = _BRACE_OPEN, _BRACE_CLOSE
-                    last = orjson.loads(view[start : end + 1])
+                    last = parse(view[start : end + 1])
                     tail = bytes(view[end + len(_CLOSE) : filled]) + f.read()
                     yield last
                     del last

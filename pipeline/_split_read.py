@@ -261,13 +261,13 @@ def _main(argv: list[str]) -> None:
 
 def _read_after(path: Path, offset: int, block: int, put: Callable[..., None]) -> bool:
     from pipeline._jsonfile import stream_embryos
-    from pipeline._tables import add_block, vocab_sets
+    from pipeline._tables import add_block, parse_piece, vocab_sets
     from pipeline.legacy import is_legacy
     from pipeline.store import _stat_fingerprint, _streamed_vocabulary, _vocabulary_of
 
     gc.disable()  # a short-lived process of acyclic objects (see store.paused_gc)
     found: dict[str, Any] = {}
-    stream = stream_embryos(path, block, found, skip_to=offset)
+    stream = stream_embryos(path, block, found, skip_to=offset, parse=parse_piece)
     sets: dict[str, Any] = {}
     vocab: dict[str, Any] = {}
     seen: set[str] = set()

@@ -27,10 +27,12 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain, repeat
-from operator import itemgetter
-from typing import Any
+from operator import attrgetter, itemgetter
+from typing import Annotated, Any
 
+import msgspec
 import numpy as np
+import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -256,6 +258,13 @@ def _embryo_tables(embryos: dict[str, Any], sets: dict[str, Any]) -> Tables:
     # The embryos' part of build_tables: their problems and their snip table.
     # In the order of their snip ids ("{embryo_id}_..."), so that a table whose
     # embryos list their snips in order comes out sorted (no sort of 1M ids).
+    if embryos.__class__ is TypedPiece or (embryos and next(iter(embryos.values())).__class__ is _Embryo):
+        # From parse_piece (or part of what it gave, which then passes too).
+        fields = _typed_fields(embryos)
+        if fields is None:  # pragma: no cover - a part of a sound piece is sound
+            msg = "typed embryos the dict path must read"
+            raise ValueError(msg)
+        return _check_and_build(sets, *fields, set(), [])
     embryo_ids = sorted(embryos, key=lambda e: f"{e}_")
     embryo_objs = [embryos[e] for e in embryo_ids]
     bad_embryos: set[int] = {
@@ -443,6 +452,156 @@ class _Absent:
 _ABSENT = _Absent()
 
 
+# Typed decoding. A block of embryos in the common, valid shape is decoded by
+# msgspec straight into small structs (no dict, no key strings per snip, types
+# checked as it goes), about twice as fast as a parse into dicts, and its snip
+# fields come out of the structs without any of the fast path's counting. The
+# types accept only what the fast path accepts and what orjson decodes to the
+# same Python values (integers within 64 bits: orjson turns wider ones into
+# floats). Anything else, and a block the fast path could not be sure of, is
+# parsed by orjson instead, so the result and the messages are those of the
+# dict path, always.
+
+_Int = Annotated[int, msgspec.Meta(ge=_INT64_MIN, le=_INT64_MAX)]
+_Scalar = str | bool | _Int | float | None
+_Objects = list[dict[str, _Scalar]]
+
+
+class _Phenotype(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    value: str
+    author: str
+    timestamp: str
+    confidence: _Int | float = _MISSING  # absent: as the fast path's dict.get default
+    notes: str = _ABSENT
+
+
+class _Snip(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    phenotype: _Phenotype
+    flags: _Objects
+    # Absent is None, as dict.get gives; null is refused (None is not in the types).
+    frame: _Int = None  # type: ignore[assignment]
+    measurements: dict[str, _Int | float | None] = None  # type: ignore[assignment]
+
+
+class _Embryo(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    source: dict[str, str]
+    genotype: dict[str, _Scalar] | None
+    treatments: _Objects
+    death_frame: _Int | None
+    flags: _Objects
+    snips: dict[str, _Snip]
+
+
+_DECODER = msgspec.json.Decoder(dict[str, _Embryo])
+
+
+class TypedPiece(dict):  # type: ignore[type-arg]
+    """Embryos decoded into structs by :func:`parse_piece`, their fields already taken out."""
+
+    __slots__ = ("fields",)
+
+
+def parse_piece(data: bytes | memoryview) -> dict[str, Any]:
+    """Parse a JSON object of embryos (a piece of a store's ``"embryos"``) for the tables.
+
+    Parameters
+    ----------
+    data : bytes-like
+        The piece, ``{"embryo_id": {...}, ...}``.
+
+    Returns
+    -------
+    dict
+        A :class:`TypedPiece` when every embryo is in the common, valid
+        shape (the tables of :func:`build_tables_streamed` then cost about
+        half as much), otherwise the plain objects ``orjson.loads`` gives.
+        Either gives the same tables and problems.
+
+    Raises
+    ------
+    orjson.JSONDecodeError
+        If *data* is not JSON (as ``orjson.loads``).
+    """
+    try:
+        embryos = _DECODER.decode(data)
+    except msgspec.DecodeError:  # another shape, or not JSON: orjson says which
+        return orjson.loads(data)
+    fields = _typed_fields(embryos)
+    if fields is None:
+        return orjson.loads(data)
+    piece = TypedPiece(embryos)
+    piece.fields = fields
+    return piece
+
+
+_SNIP_GETTERS = tuple(map(attrgetter, ("phenotype", "flags", "frame", "measurements")))
+_PHENOTYPE_GETTERS = tuple(map(attrgetter, ("value", "author", "timestamp", "confidence")))
+
+
+def _typed_fields(embryos: dict[str, _Embryo]) -> tuple[Any, ...] | None:
+    # What _check_and_build needs of typed embryos, as _embryo_tables gives it
+    # for their dicts; None when the dict path must decide (a shape the fast
+    # path would not take). A TypedPiece has it already.
+    if embryos.__class__ is TypedPiece:
+        return embryos.fields  # type: ignore[attr-defined]
+    embryo_ids = sorted(embryos, key=lambda e: f"{e}_")
+    structs = [embryos[e] for e in embryo_ids]
+    embryo_objs = [
+        {"source": e.source, "genotype": e.genotype, "treatments": e.treatments, "death_frame": e.death_frame, "flags": e.flags, "snips": e.snips}
+        for e in structs
+    ]
+    if not all(map(_embryo_shape_ok, embryo_objs)):
+        return None
+    counts = np.fromiter((len(e.snips) for e in structs), dtype=np.int64, count=len(structs))
+    snip_ids: list[str] = []
+    snip_objs: list[_Snip] = []
+    for e in structs:
+        snip_ids.extend(e.snips)
+        snip_objs.extend(e.snips.values())
+    columns = _extract_typed(snip_objs)
+    if columns is None:
+        return None
+    owner = np.repeat(np.arange(len(structs)), counts)
+    return embryo_ids, embryo_objs, owner, snip_ids, columns
+
+
+def _extract_typed(snip_objs: list[_Snip]) -> tuple[Any, ...] | None:
+    # _extract_fast for structs: the types are checked already; what is left
+    # is the flags' shapes and the measurement keys (None when the fast path
+    # would have given up). Block by block, as there.
+    get_pheno, get_flags, get_frame, get_measures = _SNIP_GETTERS
+    get_value, get_author, get_stamp, get_conf = _PHENOTYPE_GETTERS
+    values: list[pa.Array] = []
+    authors: list[pa.Array] = []
+    stamps: list[pa.Array] = []
+    confs: list[Any] = []
+    frames: list[Any] = []
+    flag_lists: list[Any] = []
+    n_flags: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
+    measurements = _MeasurementColumns()
+    for start in range(0, len(snip_objs), _BLOCK):
+        snips = snip_objs[start : start + _BLOCK]
+        measures = list(map(get_measures, snips))
+        if not measurements.add(measures, measures.count(None)):
+            return None
+        flags = list(map(get_flags, snips))
+        counts = np.fromiter(map(len, flags), dtype=np.int64, count=len(snips))
+        if not all(map(_flags_shape_ok, map(flags.__getitem__, np.flatnonzero(counts).tolist()))):
+            return None
+        phenos = list(map(get_pheno, snips))
+        values.append(_strings(list(map(get_value, phenos))))
+        authors.append(_strings(list(map(get_author, phenos))))
+        stamps.append(_strings(list(map(get_stamp, phenos))))
+        confs += map(get_conf, phenos)
+        frames += map(get_frame, snips)
+        flag_lists += flags
+        n_flags.append(counts)
+    return (
+        *(pa.chunked_array(chunks, type=pa.string()).combine_chunks() for chunks in (values, authors, stamps)),
+        confs, frames, flag_lists, measurements.columns, np.concatenate(n_flags),
+    )
+
+
 class _MeasurementColumns:
     """One list per measurement key, filled block by block by the fast path.
 
@@ -565,6 +724,8 @@ def _embryo_shape_ok(e: dict[str, Any]) -> bool:
     # doubt sends the embryo to the schema walker for a precise message.
     src, g, death = e["source"], e["genotype"], e["death_frame"]
     if src.__class__ is not dict or src.keys() != {"experiment_id", "video_id"}:
+        return False
+    if src["experiment_id"].__class__ is not str or src["video_id"].__class__ is not str:
         return False
     if not (death is None or (death.__class__ is int and 0 <= death <= _INT64_MAX)):
         return False

@@ -60,6 +60,7 @@ from pipeline._tables import (
     build_tables_streamed,
     combine_pieces,
     flags_table,
+    parse_piece,
     suggest,
     vocab_sets,
 )
@@ -985,7 +986,7 @@ def _read_tables_only(path: Path) -> Store:
     """
     found: dict[str, Any] = {}
     with paused_gc():
-        stream = stream_embryos(path, _jsonfile.BLOCK, found)
+        stream = stream_embryos(path, _jsonfile.BLOCK, found, parse=parse_piece)
         first = next(stream, None)
         if first is None:
             raise OtherLayout
@@ -1000,7 +1001,9 @@ def _read_tables_only(path: Path) -> Store:
         # permitted_values follows the embryos in this file: read it again
         # with the right vocabulary (the file is read once per vocabulary).
         with paused_gc():
-            tables = build_tables_streamed(stream_embryos(path, _jsonfile.BLOCK, found), lambda: found["rest"], _vocabulary_of(rest))
+            tables = build_tables_streamed(
+                stream_embryos(path, _jsonfile.BLOCK, found, parse=parse_piece), lambda: found["rest"], _vocabulary_of(rest)
+            )
     return Store._from_tables(rest, tables, path=path, fingerprint=_stat_fingerprint(found["stat"]))
 
 
@@ -1100,7 +1103,8 @@ class SplitRead:
         vocab: dict[str, Any] = {}
         try:
             with paused_gc():
-                stream = stream_embryos(path, block, found)
+                # Its own part only, as tables: typed (the document needs dicts).
+                stream = stream_embryos(path, block, found, parse=orjson.loads if document else parse_piece)
                 try:
                     for piece in stream:
                         if not vocab:

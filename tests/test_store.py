@@ -690,6 +690,19 @@ FILE_RULES: list[tuple[str, Callable[[dict[str, Any]], Any], str, str]] = [
         f'$.embryos["{E2}"].flags[0].confidence',
         "expected a number <= 1, found 1e+30",
     ),
+    # source ids of the wrong type: reported, not an Arrow error while building the table
+    (
+        "source-video-id-integer",
+        lambda d: d["embryos"][E2]["source"].update(video_id=7),
+        f'$.embryos["{E2}"].source.video_id',
+        "expected string, found integer 7",
+    ),
+    (
+        "source-experiment-id-null",
+        lambda d: d["embryos"][E2]["source"].update(experiment_id=None),
+        f'$.embryos["{E2}"].source.experiment_id',
+        "expected string, found null",
+    ),
     (
         "store-flag-confidence-2**63",
         lambda d: d["flags"]["experiment"]["20240411"][0].update(confidence=2**63),
