@@ -53,20 +53,22 @@ __all__ = [
 MIN_BYTES = 96 << 20
 #: How far into the embryos the cut goes when this process also parses the
 #: whole document (it then parses every embryo, the helper only its part) ...
-SHARE_WITH_DOCUMENT = 0.55
+SHARE_WITH_DOCUMENT = 0.45
 #: ... and when both read tables only (the helper starts later) ...
 SHARE_TABLES_ONLY = 0.58
 #: The command line starts the helper before its own imports (pandas, Dask:
 #: about 1.5 s of this process), so its helper reads more: with the
 #: document ...
-CLI_SHARE_WITH_DOCUMENT = 0.45
+CLI_SHARE_WITH_DOCUMENT = 0.35
 #: ... tables only ...
 CLI_SHARE_TABLES_ONLY = 0.52
 #: ... and when it also starts an embedded cluster meanwhile (about 1 s of
 #: this process: distributed's import, the dashboard), with the document ...
-SHARE_WITH_CLUSTER = 0.36
+SHARE_WITH_CLUSTER = 0.24
 #: ... or tables only. (All measured on two cores with the 1M-snip store;
-#: see benchmarks/RESULTS.md.)
+#: see benchmarks/RESULTS.md. The helper and a tables-only read decode their
+#: embryos typed, about 1.3x as fast as the dicts a kept document needs, so
+#: with the document the helper takes the larger part.)
 SHARE_TABLES_ONLY_WITH_CLUSTER = 0.42
 
 _OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("pipeline_split_read_off", default=False)
