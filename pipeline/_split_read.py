@@ -53,22 +53,24 @@ __all__ = [
 MIN_BYTES = 96 << 20
 #: How far into the embryos the cut goes when this process also parses the
 #: whole document (it then parses every embryo, the helper only its part) ...
-SHARE_WITH_DOCUMENT = 0.45
+SHARE_WITH_DOCUMENT = 0.4
 #: ... and when both read tables only (the helper starts later) ...
 SHARE_TABLES_ONLY = 0.58
 #: The command line starts the helper before its own imports (pandas, Dask:
 #: about 1.5 s of this process), so its helper reads more: with the
 #: document ...
-CLI_SHARE_WITH_DOCUMENT = 0.35
+CLI_SHARE_WITH_DOCUMENT = 0.28
 #: ... tables only ...
 CLI_SHARE_TABLES_ONLY = 0.52
 #: ... and when it also starts an embedded cluster meanwhile (about 1 s of
 #: this process: distributed's import, the dashboard), with the document ...
-SHARE_WITH_CLUSTER = 0.24
+SHARE_WITH_CLUSTER = 0.25
 #: ... or tables only. (All measured on two cores with the 1M-snip store;
 #: see benchmarks/RESULTS.md. The helper and a tables-only read decode their
-#: embryos typed, about 1.3x as fast as the dicts a kept document needs, so
-#: with the document the helper takes the larger part.)
+#: embryos typed, about 1.3x as fast as a parse into dicts. With the document
+#: this process parses the helper's part untyped, about 1.5x as fast as
+#: orjson, and its own part with orjson for its tables too, so the helper
+#: takes the larger part.)
 SHARE_TABLES_ONLY_WITH_CLUSTER = 0.42
 
 _OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("pipeline_split_read_off", default=False)
@@ -164,8 +166,12 @@ class Helper:
         self._status = os.fdopen(read_end, "rb")
         self._received = False
 
-    def result(self) -> tuple[list[Any], list[str], dict[str, Any], tuple[int, int, int]] | None:
-        """The helper's ``(pieces, embryo ids, rest of the document, file fingerprint)``, or None if it failed."""
+    def result(self) -> tuple[list[Any], list[str], dict[str, Any], tuple[int, int, int], bool] | None:
+        """The helper's ``(pieces, embryo ids, rest of the document, file fingerprint, bounded)``, or None if it failed.
+
+        *bounded*: every piece's typed decode passed (``pipeline._tables.Bounded``),
+        so no integer in the helper's part is wider than 64 bits.
+        """
         try:
             status = self._status.read()  # until the helper closes its end
         finally:
@@ -175,15 +181,17 @@ class Helper:
             return None
         pieces: list[Any] = []
         ids: list[str] = []
+        bounded = True
         self._spill.seek(0)
         try:
             while (message := pickle.load(self._spill))[0] == "piece":
                 pieces.append(message[1])
                 ids.extend(message[2])
+                bounded = bounded and message[3]
         except Exception:  # noqa: BLE001 - a spill file cut short: read in one process
             return None
         _, rest, fingerprint = message
-        return pieces, ids, rest, fingerprint
+        return pieces, ids, rest, fingerprint, bounded
 
     def __enter__(self) -> Self:
         return self
@@ -263,7 +271,7 @@ def _main(argv: list[str]) -> None:
 
 def _read_after(path: Path, offset: int, block: int, put: Callable[..., None]) -> bool:
     from pipeline._jsonfile import stream_embryos
-    from pipeline._tables import add_block, parse_piece, vocab_sets
+    from pipeline._tables import Bounded, add_block, parse_piece, vocab_sets
     from pipeline.legacy import is_legacy
     from pipeline.store import _stat_fingerprint, _streamed_vocabulary, _vocabulary_of
 
@@ -279,7 +287,7 @@ def _read_after(path: Path, offset: int, block: int, put: Callable[..., None]) -
             sets = vocab_sets(vocab)
         tables: list[Any] = []
         add_block(tables, seen, piece, sets)
-        put("piece", tables[0], list(piece))
+        put("piece", tables[0], list(piece), isinstance(piece, Bounded))
         del piece, tables
     rest = found.get("rest")
     if not vocab or is_legacy(rest) or _vocabulary_of(rest) != vocab:

@@ -495,7 +495,16 @@ class _Embryo(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 _DECODER = msgspec.json.Decoder(dict[str, _Embryo])
 
 
-class TypedPiece(dict):  # type: ignore[type-arg]
+class Bounded(dict):  # type: ignore[type-arg]
+    """A piece from :func:`parse_piece` whose typed decode passed: every integer in it fits in 64 bits.
+
+    Such bytes decode to the same values with any conforming JSON parser
+    (orjson turns wider integers into floats), which lets a reader take the
+    document of these embryos from a faster untyped decode.
+    """
+
+
+class TypedPiece(Bounded):
     """Embryos decoded into structs by :func:`parse_piece`, their fields already taken out."""
 
     __slots__ = ("fields",)
@@ -514,8 +523,9 @@ def parse_piece(data: bytes | memoryview) -> dict[str, Any]:
     dict
         A :class:`TypedPiece` when every embryo is in the common, valid
         shape (the tables of :func:`build_tables_streamed` then cost about
-        half as much), otherwise the plain objects ``orjson.loads`` gives.
-        Either gives the same tables and problems.
+        half as much), otherwise the plain objects ``orjson.loads`` gives
+        (in a :class:`Bounded` when the types held but the fast path would
+        not take the values). Each gives the same tables and problems.
 
     Raises
     ------
@@ -528,7 +538,7 @@ def parse_piece(data: bytes | memoryview) -> dict[str, Any]:
         return orjson.loads(data)
     fields = _typed_fields(embryos)
     if fields is None:
-        return orjson.loads(data)
+        return Bounded(orjson.loads(data))
     piece = TypedPiece(embryos)
     piece.fields = fields
     return piece

@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
+import msgspec
 import numpy as np
 import orjson
 import pandas as pd
@@ -1101,10 +1102,16 @@ class SplitRead:
         n_parsed = 0
         met = False
         vocab: dict[str, Any] = {}
+
+        def document_piece(view: memoryview) -> dict[str, Any]:
+            # Up to the cut, orjson's objects serve the document and this
+            # process's tables; after it, the document only (the helper
+            # builds those tables): see _helpers_document_piece.
+            return orjson.loads(view) if not met else _helpers_document_piece(view)
+
         try:
             with paused_gc():
-                # Its own part only, as tables: typed (the document needs dicts).
-                stream = stream_embryos(path, block, found, parse=orjson.loads if document else parse_piece)
+                stream = stream_embryos(path, block, found, parse=document_piece if document else parse_piece)
                 try:
                     for piece in stream:
                         if not vocab:
@@ -1138,6 +1145,14 @@ class SplitRead:
         except (OtherLayout, orjson.JSONDecodeError, ValueError):
             return None
         fingerprint = _stat_fingerprint(found["stat"])
+        if document and not (theirs is not None and theirs[4]):
+            # The helper's part of the document was decoded untyped with no
+            # 64-bit check (the helper failed, or found a wider integer):
+            # parse the file as usual.
+            embryos.clear()  # frees the pieces before the new parse
+            _KEPT.clear()
+            doc = _parse_file(path, freeze=_FREEZE_PARSED)
+            theirs = None  # and build the store from it, as the one-process read does
         if (
             theirs is None
             or theirs[3] != fingerprint
@@ -1159,6 +1174,27 @@ class SplitRead:
         if document:
             store.doc = doc
         return store
+
+
+#: Decodes a piece of the document into plain dicts and lists, as orjson
+#: does but about 1.5x as fast (measured on the 1M-snip store).
+_UNTYPED = msgspec.json.Decoder()
+
+
+def _helpers_document_piece(view: memoryview) -> dict[str, Any]:
+    """A piece of the document after the cut of a split read, as ``orjson.loads`` gives it.
+
+    The untyped msgspec decode gives the same objects as orjson for any JSON
+    whose integers fit in 64 bits (orjson turns wider ones into floats, msgspec
+    keeps them). The helper decodes these embryos typed, which checks exactly
+    that: the caller keeps this document only if the helper found its whole
+    part :class:`pipeline._tables.Bounded`, and parses the file again with
+    orjson otherwise.
+    """
+    try:
+        return _UNTYPED.decode(view)
+    except msgspec.DecodeError:  # not JSON, or nested too deep for msgspec: orjson says which
+        return orjson.loads(view)
 
 
 def _streamed_vocabulary(found: dict[str, Any]) -> dict[str, Any]:

@@ -95,13 +95,39 @@ def test_a_split_read_equals_the_one_process_read(tmp_path, doc, split, monkeypa
     got = pipeline.read_store(path, document=document)
     assert split, "the read was split"
     assert split[-1] is not None, "the helper sent its pieces"
-    _, ids, rest, _ = split[-1]
+    _, ids, rest, _, bounded = split[-1]
+    assert bounded  # every integer of the helper's part fits in 64 bits
     assert 0 < len(ids) < len(doc["embryos"])
     assert ids == list(doc["embryos"])[-len(ids) :]  # the embryos after the cut, in file order
     assert rest["embryos"] == {}
     assert got.has_document is document
     assert_same(got, one_process(path, document))
     assert got.doc == doc
+
+
+@pytest.mark.parametrize("where", ["mine", "theirs", "both"])
+def test_a_document_with_integers_wider_than_64_bits_is_orjsons(tmp_path, doc, split, monkeypatch, where):
+    # The document is decoded untyped (msgspec), which keeps such integers as
+    # they are where orjson (and so every other read) gives floats: only parts
+    # whose typed decode found none may come from it.
+    monkeypatch.setattr(_split_read, "SHARE_WITH_DOCUMENT", 0.5)
+    embryos = list(doc["embryos"].values())
+    marked = {"mine": [embryos[0]], "theirs": [embryos[-1]], "both": [embryos[0], embryos[-1]]}[where]
+    for embryo in marked:
+        next(iter(embryo["snips"].values()))["measurements"]["area_um2"] = 123.456789
+    path = write(tmp_path / "store.json", doc)
+    path.write_bytes(path.read_bytes().replace(b"123.456789", b"1" + b"0" * 30))
+    got = pipeline.read_store(path, document=True)
+    assert got.doc == orjson.loads(path.read_bytes())
+    for embryo in marked:
+        got_embryo = got.doc["embryos"][next(k for k, v in doc["embryos"].items() if v is embryo)]
+        wide = next(iter(got_embryo["snips"].values()))["measurements"]["area_um2"]
+        assert isinstance(wide, float)
+        assert wide == 1e30
+    assert split
+    assert split[-1] is not None
+    assert split[-1][4] is (where == "mine")  # the helper saw the wide integer in its part
+    assert_same(got, one_process(path, True))
 
 
 def test_an_invalid_store_gives_the_one_process_errors(tmp_path, doc, split):
