@@ -1101,13 +1101,18 @@ class SplitRead:
         embryos: dict[str, Any] = {}
         n_parsed = 0
         met = False
+        untyped = False  # whether part of the document came from _helpers_document_piece
         vocab: dict[str, Any] = {}
 
         def document_piece(view: memoryview) -> dict[str, Any]:
             # Up to the cut, orjson's objects serve the document and this
             # process's tables; after it, the document only (the helper
             # builds those tables): see _helpers_document_piece.
-            return orjson.loads(view) if not met else _helpers_document_piece(view)
+            nonlocal untyped
+            if not met:
+                return orjson.loads(view)
+            untyped = True
+            return _helpers_document_piece(view)
 
         try:
             with paused_gc():
@@ -1145,7 +1150,7 @@ class SplitRead:
         except (OtherLayout, orjson.JSONDecodeError, ValueError):
             return None
         fingerprint = _stat_fingerprint(found["stat"])
-        if document and not (theirs is not None and theirs[4]):
+        if document and untyped and not (theirs is not None and theirs[4]):
             # The helper's part of the document was decoded untyped with no
             # 64-bit check (the helper failed, or found a wider integer):
             # parse the file as usual.
