@@ -130,6 +130,23 @@ def test_a_document_with_integers_wider_than_64_bits_is_orjsons(tmp_path, doc, s
     assert_same(got, one_process(path, True))
 
 
+def test_a_helper_that_fails_after_the_cut_leaves_the_document_to_orjson(tmp_path, doc, split, monkeypatch):
+    # This process decoded the helper's part untyped; with no word from the
+    # helper on its integers, that part cannot be trusted and is parsed again.
+    monkeypatch.setattr(_split_read, "SHARE_WITH_DOCUMENT", 0.05)
+    last = list(doc["embryos"].values())[-1]
+    next(iter(last["snips"].values()))["measurements"]["area_um2"] = 123.456789
+    path = write(tmp_path / "store.json", doc)
+    path.write_bytes(path.read_bytes().replace(b"123.456789", b"1" + b"0" * 30))
+    result = _split_read.Helper.result
+    monkeypatch.setattr(_split_read.Helper, "result", lambda self: result(self) and None)
+    got = pipeline.read_store(path, document=True)
+    assert got.doc == orjson.loads(path.read_bytes())
+    wide = next(iter(got.doc["embryos"][next(reversed(doc["embryos"]))]["snips"].values()))["measurements"]["area_um2"]
+    assert isinstance(wide, float)
+    assert_same(got, one_process(path, True))
+
+
 def test_an_invalid_store_gives_the_one_process_errors(tmp_path, doc, split):
     embryos = list(doc["embryos"].values())
     first_snip = next(iter(embryos[0]["snips"].values()))
