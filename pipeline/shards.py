@@ -48,7 +48,7 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from pipeline import ids
+from pipeline import _jsonfile, ids
 from pipeline._atomic import (
     LOCK_TIMEOUT,
     _keep_backup,
@@ -56,9 +56,9 @@ from pipeline._atomic import (
     fsync_dir,
     store_lock,
 )
-from pipeline._jsonfile import DUMP_OPTIONS
+from pipeline._jsonfile import DUMP_OPTIONS, OtherLayout, stream_embryos
 from pipeline._jsonschema import check, store_schema
-from pipeline._tables import Tables, build_tables
+from pipeline._tables import Tables, build_tables, build_tables_streamed, parse_piece
 from pipeline.errors import MergeConflictError, StoreFormatError
 from pipeline.store import (
     Store,
@@ -640,12 +640,14 @@ def _shard_table(
 ) -> pd.DataFrame:
     """Parse, check and flatten one shard (runs on a worker)."""
     path = Path(root) / rel
-    doc = _parse_file(path)
-    if not isinstance(doc, dict) or not isinstance(doc.get("embryos"), dict):
-        msg = f"{path}: expected an object with 'embryos'"
-        raise StoreFormatError(msg, path=str(path))
-    with paused_gc():
-        tables = build_tables({**top, "embryos": doc["embryos"]}, vocab)
+    tables = _typed_shard_tables(path, top, vocab)
+    if tables is None:
+        doc = _parse_file(path)
+        if not isinstance(doc, dict) or not isinstance(doc.get("embryos"), dict):
+            msg = f"{path}: expected an object with 'embryos'"
+            raise StoreFormatError(msg, path=str(path))
+        with paused_gc():
+            tables = build_tables({**top, "embryos": doc["embryos"]}, vocab)
     if tables.problems:
         raise StoreFormatError(
             _format_problems(tables.problems, str(path)),
@@ -664,6 +666,25 @@ def _shard_table(
         )
         raise StoreFormatError(msg, path=str(path))
     return table.reindex(columns=columns)
+
+
+def _typed_shard_tables(path: Path, top: dict[str, Any], vocab: dict[str, Any]) -> Tables | None:
+    """A shard's tables read a block of embryos at a time, typed, as a single file's are.
+
+    The shard's embryos are decoded as :func:`pipeline.read_store` decodes a
+    large store's (:func:`pipeline._tables.parse_piece`: about 1.3x as fast
+    as a parse into dicts); the store-level members are *top*'s, as in the
+    whole parse. None for a shard in another layout, and for one with any
+    problem: the whole parse then reports them in its own order.
+    """
+    found: dict[str, Any] = {}
+    try:
+        with paused_gc():
+            blocks = stream_embryos(path, _jsonfile.BLOCK, found, parse=parse_piece)
+            tables = build_tables_streamed(blocks, lambda: {**top, "embryos": {}}, vocab)
+    except (OtherLayout, orjson.JSONDecodeError, ValueError):
+        return None
+    return None if tables.problems else tables
 
 
 def sharded_snips(

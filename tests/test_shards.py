@@ -965,3 +965,28 @@ def test_store_level_flags_are_checked_once_when_the_index_is_read(tmp_path):
     assert good.index["flags"]["video"][video][0]["value"] == "NO_EMBRYO"
     assert pipeline.shards._top(good)["flags"] == {level: {} for level in good.index["flags"]}
     assert pipeline.snips_from_store(good).compute(scheduler="sync").shape[0] == store.counts()["snips"]
+
+
+def test_a_shard_is_read_typed_with_the_whole_parses_table_and_errors(sharded: Path, monkeypatch) -> None:
+    from pipeline import shards
+
+    store = pipeline.read_store(sharded)
+    args = (str(store.root), shards._top(store), store.vocabulary)
+    typed = {exp: shards._shard_table(rel, *args) for exp, rel in store.shards.items()}
+    assert all(shards._typed_shard_tables(sharded / rel, *args[1:]) is not None for rel in store.shards.values())
+    # A shard with a problem: the typed read steps aside and the whole parse words it.
+    rel = next(iter(store.shards.values()))
+    text = (sharded / rel).read_bytes()
+    (sharded / rel).write_bytes(text.replace(b'"value": "NONE"', b'"value": "WOBBLY"', 1))
+    assert shards._typed_shard_tables(sharded / rel, *args[1:]) is None
+    with pytest.raises(pipeline.errors.StoreFormatError) as typed_error:
+        shards._shard_table(rel, *args)
+    (sharded / rel).write_bytes(text)
+    monkeypatch.setattr(shards, "_typed_shard_tables", lambda *a: None)
+    for other, other_rel in store.shards.items():
+        pd.testing.assert_frame_equal(typed[other], shards._shard_table(other_rel, *args))
+    (sharded / rel).write_bytes(text.replace(b'"value": "NONE"', b'"value": "WOBBLY"', 1))
+    with pytest.raises(pipeline.errors.StoreFormatError) as whole_error:
+        shards._shard_table(rel, *args)
+    assert str(typed_error.value) == str(whole_error.value)
+    assert "WOBBLY" in str(whole_error.value)
