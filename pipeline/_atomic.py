@@ -61,9 +61,22 @@ def _keep_backup(path: Path, keep: int) -> None:
     except OSError:
         # Filesystems without hard links get a real copy.
         shutil.copy2(path, target)
-    old = sorted(folder.glob(f"{path.stem}.*{path.suffix}"))
+    _prune_backups(path, keep)
+
+
+def _prune_backups(path: Path, keep: int) -> None:
+    """Delete all but the newest *keep* backups of *path* (none made here)."""
+    old = sorted(backup_dir(path).glob(f"{path.stem}.*{path.suffix}"))
     for stale in old[: max(0, len(old) - keep)]:
         stale.unlink(missing_ok=True)
+
+
+def _prune_meanwhile(path: Path, keep: int) -> None:
+    # Unlinking a large file's last link frees its blocks (0.3 s for 400 MB):
+    # done while the new file is written. A failure here shows again, and is
+    # raised, when the backup is kept.
+    with contextlib.suppress(OSError):
+        _prune_backups(path, keep)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | Iterable[bytes], *, backups: int = 5) -> None:
@@ -84,14 +97,24 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | Iterable[byte
     folder = path.parent
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     tmp = Path(tmp_name)
+    # The backups beyond the newest backups - 1 go while the file is written;
+    # the one kept before the rename makes it backups again. (A write that
+    # fails leaves the store as it was and one backup fewer.)
+    pruning = threading.Thread(target=_prune_meanwhile, args=(path, backups - 1), name="pipeline-prune", daemon=True)
+    if backups > 0:
+        pruning.start()
     try:
-        with os.fdopen(fd, "wb") as handle:
-            if isinstance(data, bytes | bytearray | memoryview):
-                handle.write(data)
-            else:
-                _write_pieces(handle, data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                if isinstance(data, bytes | bytearray | memoryview):
+                    handle.write(data)
+                else:
+                    _write_pieces(handle, data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        finally:
+            if pruning.is_alive():
+                pruning.join()
         if path.exists():
             # Match the permissions of the file being replaced.
             os.chmod(tmp, path.stat().st_mode & 0o7777)

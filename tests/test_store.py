@@ -16,7 +16,7 @@ import textwrap
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import orjson
 import pytest
 
 import pipeline
-from pipeline._atomic import backup_dir, store_lock
+from pipeline._atomic import atomic_write_bytes, backup_dir, store_lock
 from pipeline.errors import (
     AnnotationError,
     MergeConflictError,
@@ -1283,6 +1283,33 @@ def test_save_keeps_five_backups(minimal_path: Path) -> None:
     assert [b.read_bytes() for b in backups] == versions[-6:-1]
     for b in backups:
         assert validate_store(b) == []
+
+
+def test_a_failed_write_leaves_the_store_and_its_newest_backups(minimal_path: Path) -> None:
+    # Backups beyond the newest four go while the new file is written (their
+    # blocks are freed meanwhile); a write that fails then leaves four.
+    store = read_store(minimal_path)
+    for k in range(6):
+        store.add_flag(E1, "POOR_QUALITY", "embryo", "alee", notes=f"version {k}")
+        store.save()
+    before = sorted(backup_dir(minimal_path).iterdir())
+    current = minimal_path.read_bytes()
+    assert len(before) == 5
+
+    def pieces() -> Iterator[bytes]:
+        yield b"{"
+        msg = "serialising failed"
+        raise RuntimeError(msg)
+
+    with pytest.raises(RuntimeError, match="serialising failed"):
+        atomic_write_bytes(minimal_path, pieces(), backups=5)
+    assert minimal_path.read_bytes() == current
+    assert sorted(backup_dir(minimal_path).iterdir()) == before[1:]
+    assert no_temp_files(minimal_path.parent)
+    store.save()  # and the next save keeps five again, the newest being the current file
+    after = sorted(backup_dir(minimal_path).iterdir())
+    assert len(after) == 5
+    assert after[-1].read_bytes() == current
 
 
 def test_save_without_backups(minimal_path: Path) -> None:
