@@ -5,7 +5,10 @@ interpreter does on one core. For a large file in the layout this package
 writes, :func:`pipeline.store.read_store` cuts the embryos in two at a member
 boundary (:func:`pipeline._jsonfile.split_point`) and starts a helper process
 that builds the tables of the embryos after the cut while it builds those
-before it (and, when it keeps the document, parses all of them). The helper
+before it (and, when it keeps the document, parses all of them: the
+helper's part with msgspec's untyped decoder, 1.5x as fast as orjson and
+the same objects whenever every integer fits in 64 bits, which the helper's
+typed decode of the same embryos checks and reports). The helper
 writes its pieces to an unnamed temporary file (in ``TMPDIR``; about 130 MB
 per 400,000 snips) as it goes, and they are joined exactly as the pieces of
 a one-process streamed read are.

@@ -18,6 +18,13 @@ by the JSON Schema walker in :mod:`pipeline._jsonschema` to say exactly what is
 wrong, and is left out of the table. An integer beyond 64 bits (JSON allows it;
 the table's int64/float64 columns do not) is looked for only when an Arrow
 conversion fails, and its embryo is then checked as malformed, from the start.
+
+A streamed read does not need the dicts at all: :func:`parse_piece` decodes a
+block of embryos with msgspec straight into structs whose types are the
+common, valid shape, which checks the structure as it parses, and the fields
+are taken from the structs. A block outside those types is parsed by orjson
+and goes the way above, so both give the same tables and problems
+(``tests/test_typed_pieces.py`` holds them together).
 """
 
 from __future__ import annotations
