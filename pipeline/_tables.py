@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from operator import attrgetter, itemgetter
@@ -387,15 +387,7 @@ def _extract_fast(snip_objs: list[Any]) -> tuple[Any, ...] | None:
     # returns None, and the robust path finds exactly where. The passes run
     # block by block (see _BLOCK) and no pass is repeated: a column's set of
     # types tells whether counting its nulls is needed.
-    # The phenotype's strings go to Arrow while the block is in the cache.
-    values: list[pa.Array] = []
-    authors: list[pa.Array] = []
-    stamps: list[pa.Array] = []
-    confs: list[Any] = []
-    frames: list[Any] = []
-    flag_lists: list[Any] = []
-    n_flags: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
-    measurements = _MeasurementColumns()
+    columns = _SnipColumns()
     none = type(None)
     for start in range(0, len(snip_objs), _BLOCK):
         snips = snip_objs[start : start + _BLOCK]
@@ -433,23 +425,55 @@ def _extract_fast(snip_objs: list[Any]) -> tuple[Any, ...] | None:
             and measure_types <= {dict, none}
         ):
             return None
-        if not measurements.add(measures, n_no_measures):
+        if not columns.add(value, author, stamp, conf, frame, flags, measures, n_no_measures):
             return None
+    return columns.result()
+
+
+class _SnipColumns:
+    """The snip fields the fast paths take out, a block at a time (see :func:`_extract_fast`)."""
+
+    def __init__(self) -> None:
+        self.strings: tuple[list[pa.Array], ...] = ([], [], [])  # value, author, timestamp
+        self.confs: list[Any] = []
+        self.frames: list[Any] = []
+        self.flag_lists: list[Any] = []
+        self.n_flags: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
+        self.measurements = _MeasurementColumns()
+
+    def add(
+        self,
+        value: list[str],
+        author: list[str],
+        stamp: list[str],
+        conf: Iterable[Any],
+        frame: Iterable[Any],
+        flags: list[Any],
+        measures: list[Any],
+        n_no_measures: int,
+    ) -> bool:
+        """Append a block whose types are checked; False when the fast path cannot tell."""
+        if not self.measurements.add(measures, n_no_measures):
+            return False
         # Most snips have no flags: check shapes only where there are some.
-        counts = np.fromiter(map(len, flags), dtype=np.int64, count=n)
+        counts = np.fromiter(map(len, flags), dtype=np.int64, count=len(flags))
         if not all(map(_flags_shape_ok, map(flags.__getitem__, np.flatnonzero(counts).tolist()))):
-            return None
-        values.append(_strings(value))
-        authors.append(_strings(author))
-        stamps.append(_strings(stamp))
-        confs += conf
-        frames += frame
-        flag_lists += flags
-        n_flags.append(counts)
-    return (
-        *(pa.chunked_array(chunks, type=pa.string()).combine_chunks() for chunks in (values, authors, stamps)),
-        confs, frames, flag_lists, measurements.columns, np.concatenate(n_flags),
-    )
+            return False
+        # The phenotype's strings go to Arrow while the block is in the cache.
+        for chunks, strings in zip(self.strings, (value, author, stamp), strict=True):
+            chunks.append(_strings(strings))
+        self.confs += conf
+        self.frames += frame
+        self.flag_lists += flags
+        self.n_flags.append(counts)
+        return True
+
+    def result(self) -> tuple[Any, ...]:
+        """``(values, authors, stamps, confs, frames, flag_lists, measurement columns, n_flags)``."""
+        return (
+            *(pa.chunked_array(chunks, type=pa.string()).combine_chunks() for chunks in self.strings),
+            self.confs, self.frames, self.flag_lists, self.measurements.columns, np.concatenate(self.n_flags),
+        )
 
 
 class _Absent:
@@ -588,35 +612,18 @@ def _extract_typed(snip_objs: list[_Snip]) -> tuple[Any, ...] | None:
     # would have given up). Block by block, as there.
     get_pheno, get_flags, get_frame, get_measures = _SNIP_GETTERS
     get_value, get_author, get_stamp, get_conf = _PHENOTYPE_GETTERS
-    values: list[pa.Array] = []
-    authors: list[pa.Array] = []
-    stamps: list[pa.Array] = []
-    confs: list[Any] = []
-    frames: list[Any] = []
-    flag_lists: list[Any] = []
-    n_flags: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
-    measurements = _MeasurementColumns()
+    columns = _SnipColumns()
     for start in range(0, len(snip_objs), _BLOCK):
         snips = snip_objs[start : start + _BLOCK]
-        measures = list(map(get_measures, snips))
-        if not measurements.add(measures, measures.count(None)):
-            return None
-        flags = list(map(get_flags, snips))
-        counts = np.fromiter(map(len, flags), dtype=np.int64, count=len(snips))
-        if not all(map(_flags_shape_ok, map(flags.__getitem__, np.flatnonzero(counts).tolist()))):
-            return None
         phenos = list(map(get_pheno, snips))
-        values.append(_strings(list(map(get_value, phenos))))
-        authors.append(_strings(list(map(get_author, phenos))))
-        stamps.append(_strings(list(map(get_stamp, phenos))))
-        confs += map(get_conf, phenos)
-        frames += map(get_frame, snips)
-        flag_lists += flags
-        n_flags.append(counts)
-    return (
-        *(pa.chunked_array(chunks, type=pa.string()).combine_chunks() for chunks in (values, authors, stamps)),
-        confs, frames, flag_lists, measurements.columns, np.concatenate(n_flags),
-    )
+        measures = list(map(get_measures, snips))
+        if not columns.add(
+            list(map(get_value, phenos)), list(map(get_author, phenos)), list(map(get_stamp, phenos)),
+            map(get_conf, phenos), map(get_frame, snips), list(map(get_flags, snips)),
+            measures, measures.count(None),
+        ):
+            return None
+    return columns.result()
 
 
 class _MeasurementColumns:
