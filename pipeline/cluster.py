@@ -551,6 +551,7 @@ def open_runtime(
     quiet: bool = False,
     progress: bool | None = None,
     label: str | None = None,
+    _starting: _Starting | None = None,
 ) -> Iterator[Any]:
     """Run the enclosed computations where *scheduler* says, then tear down.
 
@@ -581,6 +582,9 @@ def open_runtime(
     label : str, optional
         Outer ``distributed.span`` of what :func:`compute` runs inside (the
         command's name), and the progress bar's label.
+    _starting : optional
+        A client :func:`start_early` is starting for the same options: it is
+        waited for instead of starting another.
 
     Yields
     ------
@@ -626,10 +630,12 @@ def open_runtime(
     if target != "local" and (workers or threads_per_worker or memory_limit):
         msg = "--workers, --threads-per-worker and --memory-limit size the embedded cluster; size a running cluster where it is started"
         raise ValueError(msg)
+    options = (workers, threads_per_worker, memory_limit, dashboard_address)
     with contextlib.ExitStack() as stack:
-        client = _start_client(
-            target, stack, workers, threads_per_worker, memory_limit, dashboard_address
-        )
+        if _starting is not None and _starting.matches(target, options):
+            client = _starting.adopt(stack)
+        else:
+            client = _start_client(target, stack, *options)
         if not quiet:
             link = _dashboard_link(client)
             print(
@@ -651,6 +657,83 @@ def open_runtime(
         token = _COMMAND.set(label)
         stack.callback(_COMMAND.reset, token)
         yield client
+
+
+class _Starting:
+    """A distributed client being started on a thread while the caller does other work.
+
+    Made by :func:`start_early`; :func:`open_runtime` adopts it when its
+    options are the same (it then waits for it), and :meth:`close` stops
+    whatever was started and not adopted.
+    """
+
+    def __init__(self, target: str, options: tuple[Any, ...]) -> None:
+        self.target, self.options = target, options
+        self._stack = contextlib.ExitStack()
+        self._client: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="pipeline-cluster-start", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._client = _start_client(self.target, self._stack, *self.options)
+        except BaseException as err:  # noqa: BLE001 - raised again in the caller's thread by adopt()
+            self._error = err
+
+    def matches(self, target: str, options: tuple[Any, ...]) -> bool:
+        """Whether this is the client :func:`open_runtime` would start for these options."""
+        return (target, options) == (self.target, self.options)
+
+    def adopt(self, stack: contextlib.ExitStack) -> Any:
+        """Wait for the client and hand its tear-down to *stack*; raises what the start raised."""
+        self._thread.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+        stack.enter_context(self._stack.pop_all())
+        return self._client
+
+    def close(self) -> None:
+        """Stop the client and cluster if they were not adopted."""
+        self._thread.join()
+        self._error = None
+        self._stack.close()
+
+
+def start_early(args: argparse.Namespace) -> _Starting | None:
+    """Start the distributed client ``args`` asks for on a thread, or None.
+
+    The command line calls this once its input has passed its checks and it
+    still has work of its own that does not need Dask (the snip table's
+    sort): the embedded cluster's start (about 1 s, mostly in its own event
+    loop's thread) then overlaps that work. :func:`runtime_from_args` adopts
+    it. None for Dask's local schedulers and for options the runtime will
+    refuse (it says why).
+    """
+    import dask  # noqa: F401 - first: the scheduler may come from its configuration
+
+    try:
+        target = _parse_scheduler(getattr(args, "scheduler", None))
+    except ValueError:
+        return None
+    workers, threads_per_worker, memory_limit, dashboard_address = _options(args)
+    if target in ("sync", "threads", "processes") or (
+        target != "local" and (workers or threads_per_worker or memory_limit)
+    ):
+        return None
+    return _Starting(target, (workers, threads_per_worker, memory_limit, dashboard_address))
+
+
+def _options(args: argparse.Namespace) -> tuple[Any, ...]:
+    """``(workers, threads_per_worker, memory_limit, dashboard_address)`` of a subcommand's options."""
+    dashboard = getattr(args, "dashboard_address", DEFAULT_DASHBOARD)
+    return (
+        getattr(args, "workers", None),
+        getattr(args, "threads_per_worker", None),
+        getattr(args, "memory_limit", None),
+        None if str(dashboard).lower() in ("none", "") else dashboard,
+    )
 
 
 def _start_client(
@@ -878,7 +961,8 @@ def runtime_from_args(args: argparse.Namespace) -> Iterator[Any]:
     Parameters
     ----------
     args : argparse.Namespace
-        Parsed options of a subcommand that called :func:`add_cluster_options`.
+        Parsed options of a subcommand that called :func:`add_cluster_options`;
+        ``args.starting_client`` (from :func:`start_early`), if set, is adopted.
 
     Yields
     ------
@@ -887,23 +971,22 @@ def runtime_from_args(args: argparse.Namespace) -> Iterator[Any]:
     """
     from pipeline.cli._common import UsageError
 
-    dashboard = getattr(args, "dashboard_address", DEFAULT_DASHBOARD)
     report = getattr(args, "performance_report", None)
     quiet = bool(getattr(args, "quiet", False))
+    workers, threads_per_worker, memory_limit, dashboard_address = _options(args)
     with contextlib.ExitStack() as stack:
         try:
             client = stack.enter_context(
                 open_runtime(
                     getattr(args, "scheduler", None),
-                    workers=getattr(args, "workers", None),
-                    threads_per_worker=getattr(args, "threads_per_worker", None),
-                    memory_limit=getattr(args, "memory_limit", None),
-                    dashboard_address=None
-                    if str(dashboard).lower() in ("none", "")
-                    else dashboard,
+                    workers=workers,
+                    threads_per_worker=threads_per_worker,
+                    memory_limit=memory_limit,
+                    dashboard_address=dashboard_address,
                     performance_report=report,
                     quiet=quiet,
                     label=getattr(args, "command", None),
+                    _starting=getattr(args, "starting_client", None),
                 )
             )
         except ValueError as err:

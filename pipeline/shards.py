@@ -243,6 +243,9 @@ class ShardedStore(Store):
         }
         return doc
 
+    def prepare_snip_table(self) -> None:
+        """Nothing to prepare: the snip table of a sharded store is read shard by shard, in tasks."""
+
     def tables(self) -> Tables:
         """The columnar view of all shards (loads every shard)."""
         if self._tables is None:

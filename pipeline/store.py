@@ -307,6 +307,15 @@ class Store:
             tables.sorted = True
         return tables.snips
 
+    def prepare_snip_table(self) -> None:
+        """Sort the snip table now if it is built and sound (else leave it to :meth:`snip_table`).
+
+        The command line calls this while its cluster starts on another
+        thread: the sort's takes release the interpreter lock.
+        """
+        if self._tables is not None and not self._tables.problems:
+            self.snip_table()
+
     def flags_table(self) -> pd.DataFrame:
         """Every flag in long format; see :func:`pipeline._tables.flags_table`."""
         return flags_table(self.doc)

@@ -10,6 +10,7 @@ its group at the end.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -548,3 +549,115 @@ def test_settle_waits_until_the_embedded_worker_dropped_released_data(inputs):
         assert not any(client.has_what().values())
     assert total == int(store.snip_table()["frame"].sum())
     cluster.settle()  # no client: returns at once
+
+
+# ------------------------------------------------- a cluster started early
+def runtime_args(**options) -> argparse.Namespace:
+    """A subcommand's parsed runtime options (the embedded cluster, no dashboard, quiet)."""
+    values = {"scheduler": None, "dashboard_address": "none", "quiet": True, "command": "export"}
+    return argparse.Namespace(**{**values, **options})
+
+
+def started_client(starting):
+    """The client an early start made (waiting for it), whoever owns it now."""
+    starting._thread.join()
+    return starting._client
+
+
+def test_an_early_start_is_adopted_by_the_runtime_and_closed_with_it():
+    args = runtime_args()
+    starting = cluster.start_early(args)
+    assert starting is not None
+    args.starting_client = starting
+    with cluster.runtime_from_args(args) as client:
+        assert cluster.get_client() is client
+        # The same client the thread started, not a second cluster.
+        assert client is started_client(starting)
+        assert client.submit(sum, [1, 2, 3]).result() == 6
+    assert client.status == "closed"
+    assert cluster.get_client() is None
+    starting.close()  # nothing left to close
+
+
+def test_an_early_start_not_adopted_is_closed_by_close():
+    starting = cluster.start_early(runtime_args())
+    client = started_client(starting)
+    assert client.status == "running"
+    # Other options: the runtime starts its own client and leaves this one.
+    args = runtime_args(threads_per_worker=1, starting_client=starting)
+    with cluster.runtime_from_args(args) as other:
+        assert other is not client
+    starting.close()
+    assert client.status == "closed"
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads", "processes", "bogus"])
+def test_no_early_start_for_local_schedulers_or_bad_options(scheduler):
+    assert cluster.start_early(runtime_args(scheduler=scheduler)) is None
+    assert cluster.start_early(runtime_args(scheduler="tcp://127.0.0.1:1", workers=2)) is None
+
+
+def test_an_early_start_that_fails_raises_when_adopted(monkeypatch):
+    monkeypatch.setitem(dask.config.config, "pipeline", {"connect-timeout": "1s"})
+    args = runtime_args(scheduler=f"tcp://127.0.0.1:{free_port()}")
+    args.starting_client = cluster.start_early(args)
+    with pytest.raises(cluster.ClusterError, match="cannot reach the Dask scheduler"), cluster.runtime_from_args(args):
+        pass  # pragma: no cover
+
+
+def test_read_then_runtime_sorts_the_snip_table_while_the_cluster_starts(inputs, monkeypatch):
+    from pipeline.cli._common import read_then_runtime
+
+    started: list[bool] = []
+    start_early = cluster.start_early
+
+    def watched(args):
+        starting = start_early(args)
+        started.append(starting)
+        return starting
+
+    monkeypatch.setattr(cluster, "start_early", watched)
+    args = runtime_args(store=str(inputs["store"]), command="export")
+    checked: list[str] = []
+    with contextlib.ExitStack() as stack:
+        store = read_then_runtime(
+            args, stack, document=False, read=lambda: pipeline.read_store(inputs["store"]),
+            then=lambda: checked.append("then"),
+        )
+        assert checked == ["then"]
+        assert started  # started early
+        assert store.tables().sorted  # sorted before the runtime opened
+        client = cluster.get_client()
+        assert client is not None
+        assert client is started_client(args.starting_client)
+    assert client.status == "closed"
+
+
+@pytest.mark.parametrize("name", ["assign", "export"])
+def test_commands_that_start_their_cluster_early_write_the_report(name, inputs, sync_runs, tmp_path, capsys):
+    store = tmp_path / "store.json"
+    store.write_bytes(inputs["store"].read_bytes())
+    report = tmp_path / "report.html"
+    args = command(name, store, inputs, tmp_path / "out")
+    code = main([*args, "--dashboard-address", "127.0.0.1:0", "--performance-report", str(report)])
+    assert code == sync_runs[name][0]
+    assert re.search(r"dashboard: http://127\.0\.0\.1:\d+/status", capsys.readouterr().err)
+    assert "<html" in report.read_text()[:2000].lower()
+    if name == "assign":
+        assert normalised(store) == normalised(sync_runs[name][1])
+    else:
+        pd.testing.assert_frame_equal(exported(tmp_path / "out"), exported(sync_runs[name][2]))
+
+
+def test_an_unreachable_scheduler_is_a_clean_error_for_commands_that_start_early(inputs, tmp_path):
+    store = tmp_path / "store.json"
+    store.write_bytes(inputs["store"].read_bytes())
+    done = cli(
+        ["export", str(store), str(tmp_path / "out"), "--scheduler", f"tcp://127.0.0.1:{free_port()}"],
+        timeout=60,
+        env=dict(os.environ, DASK_PIPELINE__CONNECT_TIMEOUT="2s"),
+    )
+    assert done.returncode == 2
+    assert "cannot reach the Dask scheduler" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()

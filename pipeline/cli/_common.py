@@ -109,6 +109,7 @@ def read_then_runtime(
     document: bool,
     read: Callable[[], Any],
     then: Callable[[], None] | None = None,
+    snips: bool = True,
 ) -> Any:
     """Read ``args.store``, then open the command's runtime in *stack*.
 
@@ -116,13 +117,15 @@ def read_then_runtime(
     ``pipeline.store.SplitRead``), the one :func:`start_read` started right
     after the arguments were parsed if there is one: once this process has
     read its part and found it sound, *then* runs (input checks that must
-    pass before any cluster starts) and the runtime opens while the helper
-    finishes. An embedded cluster's start (distributed's import, the
-    dashboard: about 1 s of this process) leaves this process less of the
-    store to read. Otherwise the
-    store is read by *read*, then *then* runs and the runtime opens, in that
-    order, as before: a store or input that fails starts no cluster (unless
-    the problems lie in the helper's part of a large store only).
+    pass before any cluster starts) and a distributed client starts on a
+    thread (``pipeline.cluster.start_early``) while this one joins the
+    helper's part and sorts the snip table; the runtime then adopts the
+    client. An embedded cluster's start (distributed's import, the
+    dashboard: about 1 s, mostly in its own event loop's thread) leaves this
+    process less of the store to read. Otherwise the store is read by
+    *read*, then *then* runs and the runtime opens, in that order, as
+    before: a store or input that fails starts no cluster (unless the
+    problems lie in the helper's part of a large store only).
 
     Parameters
     ----------
@@ -136,6 +139,9 @@ def read_then_runtime(
         Reads the store in one process (the fallback).
     then : callable, optional
         Runs after the read and before the runtime opens.
+    snips : bool, default True
+        Whether the command uses the snip table: it is sorted while a
+        distributed client starts (see ``pipeline.cluster.start_early``).
 
     Returns
     -------
@@ -147,11 +153,16 @@ def read_then_runtime(
 
     done: list[str] = []
 
-    def open_runtime() -> None:
+    def start_runtime() -> None:
+        # The input passed its checks: a distributed client starts on a
+        # thread, while this one finishes the read and sorts the snip table.
         if then is not None:
             then()
         done.append("then")
-        stack.enter_context(runtime(args))
+        starting = _start_early(args)
+        if starting is not None:
+            stack.callback(starting.close)  # when the command fails before adopting it
+            args.starting_client = starting
 
     started = None
     early = getattr(args, "started_read", None)
@@ -166,10 +177,22 @@ def read_then_runtime(
     store = None
     if started is not None:
         stack.enter_context(started)
-        store = started.finish(open_runtime)
+        store = started.finish(start_runtime)
     if store is None:
         with _split_read.off() if started is not None else contextlib.nullcontext():
             store = read()
     if not done:
-        open_runtime()
+        start_runtime()
+    if snips and getattr(args, "starting_client", None) is not None:
+        store.prepare_snip_table()
+    stack.enter_context(runtime(args))
     return store
+
+
+def _start_early(args: argparse.Namespace) -> Any:
+    """``pipeline.cluster.start_early(args)``, or None without Dask's distributed."""
+    try:
+        from pipeline.cluster import start_early
+    except ImportError:
+        return None
+    return start_early(args)

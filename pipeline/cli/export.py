@@ -110,7 +110,11 @@ def run(args: argparse.Namespace) -> int:
             # Read before an embedded cluster starts, as the other commands
             # do: a store that fails to load starts no cluster.
             source = read_then_runtime(
-                args, stack, document=_needs_document(args.what), read=lambda: _read_for_export(args.store, args.what)
+                args,
+                stack,
+                document=_needs_document(args.what),
+                read=lambda: _read_for_export(args.store, args.what),
+                snips=args.what == "snips",
             )
         result = export_store(
             source,
