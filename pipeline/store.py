@@ -829,19 +829,22 @@ def _sort_by_index(tables: Tables) -> None:
     second table.
     """
     index = tables.snips.index
+    # The ids in one array (a table read block by block has them in pieces):
+    # the order is found on it, and it is the index column taken below.
     ids = arrow_strings(index)
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
     order = _embryo_order(ids, arrow_strings(tables.snips["embryo_id"]))
     if order is None:
         order = pc.sort_indices(ids).to_numpy()
-    del ids
     columns = {name: tables.snips[name].array for name in tables.snips.columns}
     dtypes = tables.snips.dtypes.to_dict()
     tables.snips = None  # type: ignore[assignment]  # the only other reference
     # Two columns at a time (Arrow's and numpy's takes release the interpreter
     # lock), each pair's old values released before the next pair is taken.
     name = index.name
-    columns[None] = index.array  # type: ignore[index]  # the index, taken with the columns
-    del index
+    columns[None] = _in_one_piece(index.array, ids)  # type: ignore[index]  # the index, taken with the columns
+    del index, ids
     keys = list(columns)
     with ThreadPoolExecutor(max_workers=_SORT_THREADS, thread_name_prefix="pipeline-sort") as pool:
         for pair in (keys[i : i + _SORT_THREADS] for i in range(0, len(keys), _SORT_THREADS)):
@@ -857,6 +860,14 @@ def _sort_by_index(tables: Tables) -> None:
 
 #: Columns taken at once when the snip table is sorted.
 _SORT_THREADS = 2
+
+
+def _in_one_piece(values: Any, joined: pa.Array) -> Any:
+    """*values* (a pandas array of strings) as *joined*, the same strings in one Arrow array, when they can be wrapped so."""
+    if isinstance(values, pd.arrays.ArrowStringArray):
+        with contextlib.suppress(TypeError):  # pandas 2 takes no dtype here: keep the pieces
+            return pd.arrays.ArrowStringArray(joined, dtype=values.dtype)
+    return values
 
 
 def _take(values: Any, order: np.ndarray) -> Any:
@@ -878,17 +889,29 @@ def _embryo_order(snip_ids: pa.Array | pa.ChunkedArray, embryo_ids: pa.Array | p
 
     Tables are built embryo by embryo, each embryo's snips usually in order:
     ordering the embryos by their first snip id (thousands of strings, not
-    millions) then sorts the table. None when that is not so (checked on the
-    result), and the caller sorts every id.
+    millions) then sorts the table. None when that is not so, and the caller
+    sorts every id. The check needs no sorted copy of the ids: the result is
+    strictly increasing when each embryo's ids are (compared in place) and,
+    in the new order, each embryo's last id precedes the next one's first.
     """
     n = len(snip_ids)
+    if snip_ids.null_count:
+        return None
     starts = np.flatnonzero(np.r_[True, differs_from_previous(embryo_ids)])
+    ends = np.r_[starts[1:], n]
     runs = pc.sort_indices(snip_ids.take(pa.array(starts))).to_numpy()
-    lengths = np.diff(np.r_[starts, n])[runs]
+    rising = pc.less(snip_ids[:-1], snip_ids[1:]).to_numpy(zero_copy_only=False)
+    rising[starts[1:] - 1] = True  # across embryos: checked below
+    if not rising.all():
+        return None
+    first = snip_ids.take(pa.array(starts[runs[1:]]))
+    last = snip_ids.take(pa.array(ends[runs[:-1]] - 1))
+    if not pc.all(pc.less(last, first)).as_py() in (True, None):
+        return None
+    lengths = (ends - starts)[runs]
     # Positions of the runs laid end to end in their new order.
     offsets = np.repeat(starts[runs] - np.r_[0, np.cumsum(lengths)[:-1]], lengths)
-    order = np.arange(n) + offsets
-    return order if strictly_increasing(snip_ids.take(pa.array(order))) else None
+    return np.arange(n) + offsets
 
 
 def _frame(snip_id: str, snip: dict[str, Any]) -> int:

@@ -327,6 +327,42 @@ def test_sorting_moves_whole_embryos_or_sorts_every_id():
     assert _embryo_order(ids, embryos).tolist() == [2, 0, 1, 3]
     # An embryo's snips out of order: the caller sorts every id.
     assert _embryo_order(pa.array(["a_1", "a_0", "b_0"]), pa.array(["a", "a", "b"])) is None
+    # Embryos whose ids interleave, or repeat across embryos, or a missing id: the same.
+    assert _embryo_order(pa.array(["a_0", "a_9", "b_5"]), pa.array(["a", "a", "b"])).tolist() == [0, 1, 2]
+    assert _embryo_order(pa.array(["b_5", "a_0", "a_9"]), pa.array(["b", "a", "a"])).tolist() == [1, 2, 0]
+    assert _embryo_order(pa.array(["b_5", "a_0", "c_9"]), pa.array(["b", "a", "a"])) is None
+    assert _embryo_order(pa.array(["b_0", "a_0", "b_0"]), pa.array(["b", "a", "c"])) is None
+    assert _embryo_order(pa.array(["b_0", None, "a_0"]), pa.array(["b", "b", "a"])) is None
+
+
+def test_the_order_found_by_moving_embryos_is_the_sorted_order_whenever_there_is_one():
+    import pyarrow as pa
+
+    from pipeline.store import _embryo_order
+
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        n = int(rng.integers(1, 40))
+        ids = [f"e{int(x):03d}" for x in rng.choice(60 if rng.random() < 0.5 else 1000, size=n)]
+        embryos = [f"m{int(x)}" for x in np.sort(rng.integers(0, 6, size=n))]
+        if rng.random() < 0.5:  # usually each embryo's snips in order
+            for m in set(embryos):
+                where = [i for i, e in enumerate(embryos) if e == m]
+                for i, v in zip(where, sorted(ids[i] for i in where), strict=True):
+                    ids[i] = v
+        order = _embryo_order(pa.array(ids), pa.array(embryos))
+        expected = sorted(ids)
+        unique = len(set(ids)) == n
+        if order is not None:
+            assert sorted(order.tolist()) == list(range(n))
+            assert [ids[i] for i in order] == expected
+            assert unique
+        else:
+            # No order of whole embryo runs (each kept as it is) sorts the ids strictly.
+            starts = [0] + [i for i in range(1, n) if embryos[i] != embryos[i - 1]]
+            runs = [ids[a:b] for a, b in zip(starts, [*starts[1:], n], strict=True)]
+            joined = [v for run in sorted(runs) for v in run]
+            assert not unique or joined != expected
 
 
 def test_a_store_listing_embryos_and_snips_out_of_order_gives_the_sorted_table(tmp_path):
