@@ -26,6 +26,7 @@ import contextvars
 import gc
 import os
 import pickle
+import select
 import subprocess
 import sys
 import tempfile
@@ -169,6 +170,10 @@ class Helper:
         self._status = os.fdopen(read_end, "rb")
         self._received = False
 
+    def finished(self) -> bool:
+        """Whether the helper has said how it ended (:meth:`result` will not wait)."""
+        return bool(select.select([self._status], [], [], 0)[0])
+
     def result(self) -> tuple[list[Any], list[str], dict[str, Any], tuple[int, int, int], bool] | None:
         """The helper's ``(pieces, embryo ids, rest of the document, file fingerprint, bounded)``, or None if it failed.
 
@@ -195,6 +200,11 @@ class Helper:
             return None
         _, rest, fingerprint = message
         return pieces, ids, rest, fingerprint, bounded
+
+    @property
+    def received(self) -> bool:
+        """Whether :meth:`result` was called."""
+        return self._received
 
     def __enter__(self) -> Self:
         return self

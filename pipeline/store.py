@@ -1175,10 +1175,19 @@ class SplitRead:
                     if _FREEZE_PARSED:
                         gc.freeze()
                         _KEPT[:] = [doc]
-                if met and meanwhile is not None and not any(piece.problems for piece in pieces):
-                    meanwhile()
                 # Still paused: a collection now would walk the whole document.
-                theirs = self._helper.result() if met else None
+                theirs = None
+                if met and meanwhile is not None and not any(piece.problems for piece in pieces):
+                    if self._helper.finished():
+                        # Its pieces first: unpickling them and a cluster's
+                        # start (what *meanwhile* may begin) both want the
+                        # interpreter lock, the work after them does not.
+                        theirs = self._helper.result()
+                        meanwhile()
+                    else:
+                        meanwhile()
+                if met and theirs is None and not self._helper.received:
+                    theirs = self._helper.result()
         except (OtherLayout, orjson.JSONDecodeError, ValueError):
             return None
         fingerprint = _stat_fingerprint(found["stat"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,28 @@ def test_finish_runs_the_callers_work_once_its_own_part_is_sound(tmp_path, doc, 
     with store.SplitRead.start(path, document=True) as started, pytest.raises(StoreFormatError):
         started.finish(lambda: calls.append("meanwhile"))
     assert calls == ["meanwhile"]
+
+
+@pytest.mark.parametrize("document", [True, False])
+@pytest.mark.parametrize("helper_done", [True, False])
+def test_finish_takes_a_finished_helpers_part_before_the_callers_work(tmp_path, doc, split, monkeypatch, helper_done, document):
+    # Unpickling the helper's part and the caller's work (a cluster's start)
+    # both hold the interpreter lock: a part that is ready is taken first,
+    # and a helper still at work is waited for after the caller's work.
+    path = write(tmp_path / "store.json", doc)
+    seen: list[bool] = []
+    with store.SplitRead.start(path, document=document) as started:
+        helper = started._helper
+        if helper_done:
+            deadline = time.monotonic() + 60
+            while not helper.finished() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        else:
+            monkeypatch.setattr(helper, "finished", lambda: False)
+        got = started.finish(lambda: seen.append(helper.received))
+    assert seen == [helper_done]
+    assert split[-1] is not None
+    assert_same(got, one_process(path, document))
 
 
 @pytest.mark.parametrize("where", [["--scheduler", "sync"], ["--dashboard-address", "none"]])
