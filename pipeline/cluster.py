@@ -962,7 +962,8 @@ def runtime_from_args(args: argparse.Namespace) -> Iterator[Any]:
     ----------
     args : argparse.Namespace
         Parsed options of a subcommand that called :func:`add_cluster_options`;
-        ``args.starting_client`` (from :func:`start_early`), if set, is adopted.
+        ``args.starting_client`` (from :func:`start_early`), if set, is adopted
+        (and cleared: it serves one runtime).
 
     Yields
     ------
@@ -974,6 +975,8 @@ def runtime_from_args(args: argparse.Namespace) -> Iterator[Any]:
     report = getattr(args, "performance_report", None)
     quiet = bool(getattr(args, "quiet", False))
     workers, threads_per_worker, memory_limit, dashboard_address = _options(args)
+    # An early start serves one runtime: a later one starts its own.
+    starting, args.starting_client = getattr(args, "starting_client", None), None
     with contextlib.ExitStack() as stack:
         try:
             client = stack.enter_context(
@@ -986,7 +989,7 @@ def runtime_from_args(args: argparse.Namespace) -> Iterator[Any]:
                     performance_report=report,
                     quiet=quiet,
                     label=getattr(args, "command", None),
-                    _starting=getattr(args, "starting_client", None),
+                    _starting=starting,
                 )
             )
         except ValueError as err:

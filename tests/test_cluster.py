@@ -629,7 +629,8 @@ def test_read_then_runtime_sorts_the_snip_table_while_the_cluster_starts(inputs,
         assert store.tables().sorted  # sorted before the runtime opened
         client = cluster.get_client()
         assert client is not None
-        assert client is started_client(args.starting_client)
+        assert client is started_client(started[0])
+        assert args.starting_client is None  # used once
     assert client.status == "closed"
 
 
