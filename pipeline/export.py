@@ -649,6 +649,37 @@ def write_parquet(
     )
 
 
+def _sync(handle: Any) -> None:
+    """Flush a file just written to the disk, in its task: the wait overlaps other partitions' work.
+
+    The folder is fsynced whole before it is swapped in (:func:`_fsync_tree`)
+    whatever happens here; by then these files have nothing left to write. A
+    file system without file descriptors (not a local disk) is left to that.
+    """
+    try:
+        fd = handle.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return
+    handle.flush()
+    os.fsync(fd)
+
+
+def _in_key_order(table: pa.Table, keys: list[str]) -> bool:
+    """Whether the rows of *table* are in ascending order of its (non-null) *keys* columns, ties allowed."""
+    if table.num_rows < 2:
+        return True
+    ordered: np.ndarray | None = None  # rows 1.. not before the row above, by the keys from k on
+    for k in reversed(keys):
+        values = table.column(k).combine_chunks()
+        before, after = values[:-1], values[1:]
+        less = pc.less(before, after).to_numpy(zero_copy_only=False)
+        if ordered is None:
+            ordered = less | pc.equal(before, after).to_numpy(zero_copy_only=False)
+        else:
+            ordered = less | (pc.equal(before, after).to_numpy(zero_copy_only=False) & ordered)
+    return bool(ordered.all()) if ordered is not None else True
+
+
 class _ArrowEngine(ArrowDatasetEngine):
     """Dask's pyarrow Parquet engine, converting each partition to Arrow once.
 
@@ -728,19 +759,23 @@ class _ArrowEngine(ArrowDatasetEngine):
                 index_cols=index_cols, schema=schema, head=head, custom_metadata=custom_metadata, **kwargs,
             )
         # Groups in key order, rows in partition order (the sort is stable).
-        order = pc.sort_indices(table.select(keys), sort_keys=[(k, "ascending") for k in keys])
-        ordered_keys = table.select(keys).take(order)
-        changes = np.zeros(len(order), dtype=bool)
-        if len(order):
+        # A partition already in key order (a snip table sorted by id usually
+        # has its experiments in order too) is cut into slices: nothing sorted
+        # or copied.
+        order = None if _in_key_order(table, keys) else pc.sort_indices(table.select(keys), sort_keys=[(k, "ascending") for k in keys])
+        ordered_keys = table.select(keys) if order is None else table.select(keys).take(order)
+        changes = np.zeros(table.num_rows, dtype=bool)
+        if table.num_rows:
             changes[0] = True
         for k in keys:
             values = ordered_keys.column(k).combine_chunks()
             changes[1:] |= pc.not_equal(values[1:], values[:-1]).to_numpy(zero_copy_only=False)
         starts = np.flatnonzero(changes).tolist()
         md_list: list[Any] = []
-        for start, stop in zip(starts, [*starts[1:], len(order)], strict=True):
+        for start, stop in zip(starts, [*starts[1:], table.num_rows], strict=True):
             values = [ordered_keys.column(k)[start].as_py() for k in keys]
-            group = pa.Table.from_arrays(data.take(order[start:stop]).columns, schema=sub_schema)
+            rows = data.slice(start, stop - start) if order is None else data.take(order[start:stop])
+            group = pa.Table.from_arrays(rows.columns, schema=sub_schema)
             subdir = fs.sep.join(f"{k}={v}" for k, v in zip(keys, values, strict=True))  # no nulls here
             prefix = fs.sep.join([path, subdir])
             fs.mkdirs(prefix, exist_ok=True)
@@ -748,6 +783,7 @@ class _ArrowEngine(ArrowDatasetEngine):
                 pq.write_table(
                     group, f, compression=compression, metadata_collector=md_list if return_metadata else None, **kwargs
                 )
+                _sync(f)
             if return_metadata:
                 md_list[-1].set_file_path(fs.sep.join([subdir, filename]))
         if not return_metadata:

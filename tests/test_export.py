@@ -220,6 +220,34 @@ def test_parquet_files_equal_those_of_dasks_own_engine(tmp_path, monkeypatch, st
         assert meta == other_meta, name
 
 
+def test_partitions_in_key_order_are_cut_into_slices_and_others_sorted(tmp_path):
+    from pipeline.export import _in_key_order
+
+    table = pa.table({"a": ["x", "x", "y", "y"], "b": ["2", "3", "1", "1"], "c": [1, 2, 3, 4]})
+    assert _in_key_order(table, ["a"])
+    assert _in_key_order(table, ["a", "b"])
+    assert not _in_key_order(table, ["b"])
+    assert not _in_key_order(table, ["b", "a"])
+    assert not _in_key_order(table.take([1, 0, 2, 3]), ["a", "b"])
+    assert _in_key_order(table.slice(0, 1), ["b"])
+    # Both ways give the files Dask's engine writes (see the test above);
+    # here, the same rows per group whether the partition is in order or not.
+    frame = pd.DataFrame({"experiment_id": ["e2", "e1", "e2", "e1"], "v": [1, 2, 3, 4]})
+    shuffled, ordered = tmp_path / "shuffled", tmp_path / "ordered"
+    write_parquet(dd.from_pandas(frame, npartitions=1), shuffled, scheduler=SYNC)
+    in_order = frame.sort_values("experiment_id", kind="stable", ignore_index=True)
+    write_parquet(dd.from_pandas(in_order, npartitions=1), ordered, scheduler=SYNC)
+
+    def values(folder: Path, experiment: str) -> list[int]:
+        files = sorted((folder / f"experiment_id={experiment}").glob("*.parquet"))
+        return [v for f in files for v in pq.read_table(f)["v"].to_pylist()]
+
+    assert values(shuffled, "e1") == [2, 4]
+    assert values(shuffled, "e2") == [1, 3]
+    assert values(ordered, "e1") == [2, 4]  # in_order keeps the rows' order within each experiment
+    assert values(ordered, "e2") == [1, 3]
+
+
 def test_the_engine_collects_metadata_as_dasks_own(tmp_path, store):
     # write_parquet writes no _metadata file, but the engine can: Dask's
     # to_parquet with it gives the same summary file as with Dask's engine.
