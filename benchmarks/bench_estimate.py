@@ -24,10 +24,12 @@ sizes for every stage:
   ``embryo-pipeline OP --scheduler sync`` end to end;
 - ``workers``: the extra of ``--workers 2`` over the default, end to end.
 
-- ``overhead``: each stage child's wall time minus ``startup`` and its
-  stages (the interpreter's exit with the store in memory, the child's own
-  bookkeeping), in the same process and so under the same load; it may come
-  out negative when the child started faster than the median ``startup``.
+- ``overhead``: what the command's end-to-end runs of the single files
+  (default and ``--scheduler sync``) take beyond the sum of the other stages'
+  predictions: the interpreter's exit, less the work the command overlaps
+  (the embedded cluster starts while the snip table is sorted). Fitted on the
+  command itself, so its predictions come out as measured on average; it may
+  be negative.
 
 Every run is a fresh process measured with
 :func:`pipeline.estimate.measure_command` (wall time, and the peak RSS from
@@ -398,18 +400,6 @@ def fit(sizes, repeat, started, calibrations, stage_runs, e2e, startup, meta, st
         t3 = plane([(ns[k[0]], rows_of[k], best_stage(*k, name)[0]) for k in keys])
         m3 = plane([(ns[k[0]], rows_of[k], best_stage(*k, name)[1]) for k in keys])
         costs[name] = entry(t3[0], t3[1], m3[0], m3[1], t3[2], m3[2])
-    # What the stages do not include: the child's whole wall time minus
-    # startup and its stages, in the same process and so under the same load
-    # (the interpreter's exit with the store in memory, the child's own
-    # bookkeeping). The end-to-end CLI runs below check the sum.
-    t_pts = []
-    for (n, _rps, _op), runs in stage_runs.items():
-        for r in runs:
-            parts = sum(v["seconds"] for v in r["child"]["stages"].values())
-            t_pts.append((ns[n], (r["wall"] - parts) * runner.scale(r) - st))
-    tf, tp = line(t_pts)
-    costs["overhead"] = entry(tf, tp, 0, 0)
-    costs["overhead"]["fixed_s"] = round(tf, 4)  # may be negative: a correction to the sum of the parts
     for name, (base_mode, mode) in (("cluster", ("sync", "default")), ("workers", ("default", "workers-2"))):
         t_pts, m_pts = [], []
         for op in ("export", "assign", "detect"):
@@ -446,6 +436,21 @@ def fit(sizes, repeat, started, calibrations, stage_runs, e2e, startup, meta, st
             costs[f"sharded_merge_{op}"] = entry(*line(t_m), *line(m_m))
     costs["file_bytes_per_snip"] = round(statistics.fmean(meta[n]["file_bytes"] / ns[n] for n in sizes), 1)
     costs["table_bytes_per_snip"] = round(statistics.fmean(meta[n]["table_bytes"] / ns[n] for n in sizes), 1)
+    # Last, what the stages do not include, fitted on the command itself: the
+    # end-to-end runs of the single files (default and sync) minus the sum of
+    # the other stages' predictions (the interpreter's exit, and the work the
+    # command overlaps, such as the embedded cluster starting while the snip
+    # table is sorted). It may be negative: a correction to the sum of the parts.
+    costs["overhead"] = entry(0.0, 0.0, 0, 0)
+    t_pts = []
+    for (n, op, mode) in e2e:
+        if mode in ("default", "sync"):
+            est = estimate_resources(stores[n][0], op, workers=0, n_snips=ns[n], n_rows=round(ns[n] * ROWS_PER_SNIP),
+                                     costs=costs, scheduler="sync" if mode == "sync" else None, dashboard=False)
+            t_pts.append((ns[n], best_e2e(n, op, mode)[0] - est.seconds))
+    tf, tp = line(t_pts)
+    costs["overhead"] = entry(tf, tp, 0, 0)
+    costs["overhead"]["fixed_s"] = round(tf, 4)
     costs["measured"] = (f"benchmarks/bench_estimate.py --sizes {' '.join(map(str, sizes))} --repeat {repeat}, "
                          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, {os.cpu_count()} CPUs")
 

@@ -549,14 +549,19 @@ def _predict(
             # process, an upper bound (the workers hold the shards instead).
             at_once = math.ceil(cpus / workers)
             worker_peak = base + min(at_once, shards) * costs["load"]["bytes_per_snip"] * largest
-    stages.append(("overhead", _stage(costs, "overhead", n, 0)[0], 0.0))
+    # The overhead is a correction fitted on the command's own runs of single
+    # files: it may be negative there (work the command overlaps, such as its
+    # cluster's start while the snip table is sorted), not for sharded stores.
+    over = costs["overhead"]
+    over_s = over["fixed_s"] + over["s_per_snip"] * n
+    stages.append(("overhead", over_s if size["layout"] == "single" else max(over_s, 0.0), 0.0))
     added = 0.0
     if scheduler == "local":
         added += _stage(costs, "cluster", n, 0)[1]
         if dashboard and "dashboard" in costs:
             added += _stage(costs, "dashboard", n, 0)[1]
     client = max(p for _, _, p in stages) + added
-    total_s = sum(s for _, s, _ in stages) * speed
+    total_s = max(sum(s for _, s, _ in stages), start["seconds"]) * speed
     out = [(name, s * speed, int(p)) for name, s, p in stages]
     return total_s, int(client), (int(worker_peak) if worker_peak is not None else None), out
 
@@ -798,31 +803,35 @@ def estimate_resources(
 #: peak RSS per stage (the process's whole RSS while the stage runs, so the
 #: interpreter and whatever earlier stages left in memory are included).
 #: ``calibration`` is the median of :func:`calibrate` taken before each run.
+#: ``overhead`` is fitted last, on the command's own end-to-end runs of single
+#: files: what they take beyond the other stages, negative when the command
+#: overlaps work the stages were measured one after the other (its cluster
+#: starts while the snip table is sorted).
 #: Produced by ``benchmarks/bench_estimate.py`` (``benchmarks/RESULTS.md``,
 #: "Resource estimates (issue 10)"); paste its output here to update.
 COSTS: dict[str, Any] = {
-    "calibration": 0.0739,
-    "startup": {"seconds": 2.365, "peak_bytes": 154161152},
-    "load": {"fixed_s": 0.0204, "s_per_snip": 1.131e-05, "fixed_bytes": 167900513, "bytes_per_snip": 1792.2},
-    "flatten": {"fixed_s": 0.011, "s_per_snip": 1.756e-07, "fixed_bytes": 168830213, "bytes_per_snip": 1777.0},
-    "detect": {"fixed_s": 0.5301, "s_per_snip": 2.922e-06, "fixed_bytes": 184917521, "bytes_per_snip": 1757.7},
-    "merge_detect": {"fixed_s": 0.0402, "s_per_snip": 2.585e-06, "fixed_bytes": 190397427, "bytes_per_snip": 1842.6},
-    "export": {"fixed_s": 0.4032, "s_per_snip": 2.653e-06, "fixed_bytes": 200593404, "bytes_per_snip": 1748.8},
-    "assign": {"fixed_s": 0.3318, "s_per_snip": 2.796e-06, "fixed_bytes": 192183734, "bytes_per_snip": 1667.2,
-              "s_per_row": 3.181e-05, "bytes_per_row": 4935.4},
-    "merge_assign": {"fixed_s": 0.0209, "s_per_snip": 2.557e-06, "fixed_bytes": 204471601, "bytes_per_snip": 1665.6,
-                    "s_per_row": 5.29e-05, "bytes_per_row": 8651.6},
-    "overhead": {"fixed_s": 0.171, "s_per_snip": 6e-06, "fixed_bytes": 0, "bytes_per_snip": 0.0},
-    "cluster": {"fixed_s": 0.3971, "s_per_snip": 1.416e-06, "fixed_bytes": 32406444, "bytes_per_snip": 48.2},
-    "workers": {"fixed_s": 3.3388, "s_per_snip": 0.0, "fixed_bytes": 0, "bytes_per_snip": 356.8},
-    "dashboard": {"fixed_s": 0.5614, "s_per_snip": 0.0, "fixed_bytes": 10841088, "bytes_per_snip": 0.0},
-    "sharded_export": {"fixed_s": 0.6181, "s_per_snip": 2.29e-05, "fixed_bytes": 217878560, "bytes_per_snip": 7.3},
-    "sharded_assign": {"fixed_s": 0.2895, "s_per_snip": 4.038e-05, "fixed_bytes": 200328459, "bytes_per_snip": 54.9},
-    "sharded_merge_assign": {"fixed_s": 0.0, "s_per_snip": 3.29e-05, "fixed_bytes": 199154175, "bytes_per_snip": 313.7},
-    "sharded_detect": {"fixed_s": 0.5819, "s_per_snip": 3.68e-05, "fixed_bytes": 198815112, "bytes_per_snip": 23.7},
-    "sharded_merge_detect": {"fixed_s": 0.0, "s_per_snip": 3.193e-05, "fixed_bytes": 198377968, "bytes_per_snip": 116.4},
+    "calibration": 0.067,
+    "startup": {"seconds": 2.435, "peak_bytes": 155428864},
+    "load": {"fixed_s": 0.0182, "s_per_snip": 1.129e-05, "fixed_bytes": 168894071, "bytes_per_snip": 1792.7},
+    "flatten": {"fixed_s": 0.0115, "s_per_snip": 1.603e-07, "fixed_bytes": 170096162, "bytes_per_snip": 1763.6},
+    "detect": {"fixed_s": 0.4989, "s_per_snip": 2.246e-06, "fixed_bytes": 186083294, "bytes_per_snip": 1753.1},
+    "merge_detect": {"fixed_s": 0.0303, "s_per_snip": 2.301e-06, "fixed_bytes": 191573770, "bytes_per_snip": 1839.1},
+    "export": {"fixed_s": 0.4698, "s_per_snip": 2.671e-06, "fixed_bytes": 202243468, "bytes_per_snip": 1689.1},
+    "assign": {"fixed_s": 0.423, "s_per_snip": 1.764e-06, "fixed_bytes": 192965539, "bytes_per_snip": 1684.4,
+              "s_per_row": 2.537e-05, "bytes_per_row": 4959.4},
+    "merge_assign": {"fixed_s": 0.0507, "s_per_snip": 2.064e-06, "fixed_bytes": 205405581, "bytes_per_snip": 1674.3,
+                    "s_per_row": 4.548e-05, "bytes_per_row": 8616.7},
+    "cluster": {"fixed_s": 0.7512, "s_per_snip": 0.0, "fixed_bytes": 27072915, "bytes_per_snip": 93.0},
+    "workers": {"fixed_s": 2.9898, "s_per_snip": 1.441e-06, "fixed_bytes": 0, "bytes_per_snip": 287.6},
+    "dashboard": {"fixed_s": 0.6189, "s_per_snip": 0.0, "fixed_bytes": 9744384, "bytes_per_snip": 0.0},
+    "sharded_export": {"fixed_s": 0.3847, "s_per_snip": 3.43e-05, "fixed_bytes": 226597679, "bytes_per_snip": 8.3},
+    "sharded_assign": {"fixed_s": 0.2366, "s_per_snip": 4.583e-05, "fixed_bytes": 220157500, "bytes_per_snip": 113.7},
+    "sharded_merge_assign": {"fixed_s": 0.0, "s_per_snip": 2.891e-05, "fixed_bytes": 221872897, "bytes_per_snip": 316.3},
+    "sharded_detect": {"fixed_s": 0.7092, "s_per_snip": 3.972e-05, "fixed_bytes": 209726038, "bytes_per_snip": 43.2},
+    "sharded_merge_detect": {"fixed_s": 0.0111, "s_per_snip": 2.965e-05, "fixed_bytes": 216208337, "bytes_per_snip": 72.6},
     "file_bytes_per_snip": 425.3,
     "table_bytes_per_snip": 321.0,
-    "measured": "benchmarks/bench_estimate.py --sizes 20000 200000 --repeat 2, 2026-11-29 21:19 UTC, "
-    "commit 15f17cd (from a git archive export), 2 shared CPUs",
+    "overhead": {"fixed_s": -0.989, "s_per_snip": 0.0, "fixed_bytes": 0, "bytes_per_snip": 0.0},
+    "measured": "benchmarks/bench_estimate.py --sizes 20000 200000 --repeat 2, 2026-11-30 02:34 UTC, "
+    "commit 0124444 (from a git archive export), 2 shared CPUs",
 }
