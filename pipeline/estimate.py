@@ -330,11 +330,12 @@ PROCESS_BUDGET = 6 * GiB
 IN_PROCESS_SECONDS = 60.0
 
 
-def _stage(costs: dict[str, Any], name: str, n: float, rows: float) -> tuple[float, float]:
+def _stage(costs: dict[str, Any], name: str, n: float, rows: float, *, correction: bool = False) -> tuple[float, float]:
+    # Seconds and peak of a stage; never negative, but for a *correction*'s seconds.
     c = costs[name]
     seconds = c["fixed_s"] + c["s_per_snip"] * n + c.get("s_per_row", 0.0) * rows
     peak = c["fixed_bytes"] + c["bytes_per_snip"] * n + c.get("bytes_per_row", 0.0) * rows
-    return max(seconds, 0.0), max(peak, 0.0)
+    return (seconds if correction else max(seconds, 0.0)), max(peak, 0.0)
 
 
 def _machine_memory() -> int:
@@ -552,9 +553,7 @@ def _predict(
     # The overhead is a correction fitted on the command's own runs of single
     # files: it may be negative there (work the command overlaps, such as its
     # cluster's start while the snip table is sorted), not for sharded stores.
-    over = costs["overhead"]
-    over_s = over["fixed_s"] + over["s_per_snip"] * n
-    stages.append(("overhead", over_s if size["layout"] == "single" else max(over_s, 0.0), 0.0))
+    stages.append(("overhead", _stage(costs, "overhead", n, 0, correction=size["layout"] == "single")[0], 0.0))
     added = 0.0
     if scheduler == "local":
         added += _stage(costs, "cluster", n, 0)[1]

@@ -666,18 +666,14 @@ def _sync(handle: Any) -> None:
 
 def _in_key_order(table: pa.Table, keys: list[str]) -> bool:
     """Whether the rows of *table* are in ascending order of its (non-null) *keys* columns, ties allowed."""
-    if table.num_rows < 2:
-        return True
-    ordered: np.ndarray | None = None  # rows 1.. not before the row above, by the keys from k on
+    # For each row after the first: not before the row above, by the keys from k on.
+    ordered = np.ones(max(table.num_rows - 1, 0), dtype=bool)
     for k in reversed(keys):
         values = table.column(k).combine_chunks()
         before, after = values[:-1], values[1:]
-        less = pc.less(before, after).to_numpy(zero_copy_only=False)
-        if ordered is None:
-            ordered = less | pc.equal(before, after).to_numpy(zero_copy_only=False)
-        else:
-            ordered = less | (pc.equal(before, after).to_numpy(zero_copy_only=False) & ordered)
-    return bool(ordered.all()) if ordered is not None else True
+        equal = pc.equal(before, after).to_numpy(zero_copy_only=False)
+        ordered = pc.less(before, after).to_numpy(zero_copy_only=False) | (equal & ordered)
+    return bool(ordered.all())
 
 
 class _ArrowEngine(ArrowDatasetEngine):
